@@ -1,0 +1,1 @@
+"""Publishing a cluster's primary and replicas in Consul."""
