@@ -1,0 +1,308 @@
+"""A thin async Kubernetes API client on one reused ``httpx.AsyncClient``.
+
+pgbosh needs a handful of verbs on a few resources (PostgresClusters, Secrets),
+so a small client we fully understand beats a generated one: every call has a
+timeout, errors carry the API's own Status reason, and Secret values never
+reach a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+import yaml
+
+log = logging.getLogger(__name__)
+
+# Seconds. Kubernetes answers in milliseconds when healthy; a slow answer means trouble
+# and the caller (a broker request, a reconcile) should fail and retry rather than hang.
+DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+JSON = dict[str, Any]
+
+
+class KubeError(Exception):
+    """A failed Kubernetes API call, from the API's Status body."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class NotFound(KubeError):
+    pass
+
+
+class Conflict(KubeError):
+    """409: the object already exists, or a write lost an optimistic-concurrency race."""
+
+
+class Invalid(KubeError):
+    """422: the API (schema, CEL rules, admission) refused the object."""
+
+
+def _error_class(status: int) -> type[KubeError]:
+    return {404: NotFound, 409: Conflict, 422: Invalid}.get(status, KubeError)
+
+
+def resource_path(
+    group: str,
+    version: str,
+    plural: str,
+    namespace: str | None = None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
+    """The API path of a resource collection or object; group "" is the core API."""
+    base = f"/api/{version}" if group == "" else f"/apis/{group}/{version}"
+    if namespace is not None:
+        base += f"/namespaces/{quote(namespace, safe='')}"
+    base += f"/{plural}"
+    if name is not None:
+        base += f"/{quote(name, safe='')}"
+        if subresource is not None:
+            base += f"/{subresource}"
+    elif subresource is not None:
+        raise ValueError("a subresource needs an object name")
+    return base
+
+
+def core_path(plural: str, namespace: str | None = None, name: str | None = None) -> str:
+    """A core ``v1`` path, such as ``/api/v1/namespaces/ns/secrets/x``."""
+    return resource_path("", "v1", plural, namespace, name)
+
+
+def label_selector_text(selector: Mapping[str, str] | str) -> str:
+    if isinstance(selector, str):
+        return selector
+    return ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
+
+
+class KubeClient:
+    """Async access to one Kubernetes API server. Use as ``async with`` or call ``aclose()``."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        client_cert: tuple[str, str] | None = None,
+        verify: bool | ssl.SSLContext = True,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if isinstance(verify, ssl.SSLContext):
+            tls: bool | ssl.SSLContext = verify
+        elif not verify:
+            tls = False
+        elif ca_file is not None or client_cert is not None:
+            tls = ssl.create_default_context(cafile=os.fspath(ca_file) if ca_file is not None else None)
+            if client_cert is not None:
+                tls.load_cert_chain(client_cert[0], client_cert[1])
+        else:
+            tls = True
+        headers = {"Accept": "application/json", "User-Agent": "pgbosh"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.server = server.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.server,
+            headers=headers,
+            verify=tls,
+            timeout=timeout,
+            transport=transport,
+        )
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | os.PathLike[str], *, context: str | None = None) -> Self:
+        """A client for the current (or the named) context of a kubeconfig file."""
+        config = yaml.safe_load(Path(path).read_text()) or {}
+        context_name = context or config.get("current-context")
+        if not context_name:
+            raise ValueError(f"kubeconfig {path} has no current-context")
+        ctx = _named(config.get("contexts"), context_name, "context", path)
+        cluster = _named(config.get("clusters"), ctx.get("cluster"), "cluster", path)
+        user = _named(config.get("users"), ctx.get("user"), "user", path) if ctx.get("user") else {}
+        server = cluster.get("server")
+        if not server:
+            raise ValueError(f"kubeconfig {path}: cluster {ctx.get('cluster')!r} has no server")
+
+        token: str | None = user.get("token")
+        if not token and user.get("tokenFile"):
+            token = Path(user["tokenFile"]).read_text().strip()
+
+        verify: bool | ssl.SSLContext = True
+        if server.startswith("https"):
+            if cluster.get("insecure-skip-tls-verify"):
+                verify = False
+            else:
+                ctx_ssl = ssl.create_default_context()
+                if cluster.get("certificate-authority-data"):
+                    pem = base64.b64decode(cluster["certificate-authority-data"]).decode()
+                    ctx_ssl.load_verify_locations(cadata=pem)
+                elif cluster.get("certificate-authority"):
+                    ctx_ssl.load_verify_locations(cafile=cluster["certificate-authority"])
+                _load_client_cert(ctx_ssl, user)
+                verify = ctx_ssl
+        return cls(server, token=token, verify=verify)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        api_path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> JSON:
+        headers = {"Content-Type": content_type} if body is not None else {}
+        try:
+            response = await self._http.request(
+                method, api_path, json=body, params=params, headers=headers
+            )
+        except httpx.TimeoutException as exc:
+            raise KubeError(504, "Timeout", f"{method} {api_path} timed out") from exc
+        except httpx.TransportError as exc:
+            raise KubeError(503, "Unavailable", f"{method} {api_path}: {type(exc).__name__}") from exc
+        if response.is_success:
+            data = response.json() if response.content else {}
+            return data if isinstance(data, dict) else {"items": data}
+        reason, message = _status_of(response)
+        log.debug("kubernetes %s %s -> %s %s", method, api_path, response.status_code, reason)
+        raise _error_class(response.status_code)(response.status_code, reason, message)
+
+    async def get(self, api_path: str) -> JSON:
+        return await self._request("GET", api_path)
+
+    async def list(
+        self, api_path: str, label_selector: Mapping[str, str] | str | None = None
+    ) -> list[JSON]:
+        params = {"labelSelector": label_selector_text(label_selector)} if label_selector else None
+        data = await self._request("GET", api_path, params=params)
+        items = data.get("items") or []
+        return [item for item in items if isinstance(item, dict)]
+
+    async def create(self, api_path: str, body: Mapping[str, Any]) -> JSON:
+        return await self._request("POST", api_path, body=dict(body))
+
+    async def merge_patch(self, api_path: str, body: Mapping[str, Any]) -> JSON:
+        return await self._request(
+            "PATCH", api_path, body=dict(body), content_type="application/merge-patch+json"
+        )
+
+    async def delete(self, api_path: str, *, propagation_policy: str | None = None) -> JSON:
+        body = {"propagationPolicy": propagation_policy} if propagation_policy else None
+        return await self._request("DELETE", api_path, body=body)
+
+    # Secrets: values are decoded/encoded here and never logged.
+
+    async def get_secret(self, namespace: str, name: str) -> dict[str, str]:
+        """The decoded data of a Secret; NotFound when it does not exist."""
+        secret = await self.get(core_path("secrets", namespace, name))
+        data = secret.get("data") or {}
+        decoded = {key: base64.b64decode(value).decode() for key, value in data.items()}
+        for key, value in (secret.get("stringData") or {}).items():
+            decoded.setdefault(key, value)
+        return decoded
+
+    async def apply_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, str],
+        *,
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create the Secret, or replace its data (keys not in ``data`` are removed)."""
+        encoded = {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}
+        metadata: JSON = {"name": name, "namespace": namespace}
+        if labels:
+            metadata["labels"] = dict(labels)
+        if annotations:
+            metadata["annotations"] = dict(annotations)
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": metadata,
+            "data": encoded,
+        }
+        try:
+            await self.create(core_path("secrets", namespace), body)
+            log.info("created secret %s/%s (keys: %s)", namespace, name, ", ".join(sorted(data)))
+            return
+        except Conflict:
+            pass
+        existing = await self.get(core_path("secrets", namespace, name))
+        patch_data: dict[str, str | None] = {key: None for key in existing.get("data") or {}}
+        patch_data.update(encoded)
+        patch: JSON = {"metadata": {k: v for k, v in metadata.items() if k in ("labels", "annotations")}}
+        patch["data"] = patch_data
+        await self.merge_patch(core_path("secrets", namespace, name), patch)
+        log.info("replaced secret %s/%s (keys: %s)", namespace, name, ", ".join(sorted(data)))
+
+    async def delete_secret(self, namespace: str, name: str) -> bool:
+        """Delete a Secret; False when it was already gone."""
+        try:
+            await self.delete(core_path("secrets", namespace, name))
+        except NotFound:
+            return False
+        return True
+
+
+def _named(entries: Any, name: Any, what: str, path: str | os.PathLike[str]) -> JSON:
+    for entry in entries or []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            value = entry.get(what) or {}
+            if isinstance(value, dict):
+                return value
+    raise ValueError(f"kubeconfig {path} has no {what} named {name!r}")
+
+
+def _load_client_cert(context: ssl.SSLContext, user: Mapping[str, Any]) -> None:
+    if user.get("client-certificate") and user.get("client-key"):
+        context.load_cert_chain(user["client-certificate"], user["client-key"])
+        return
+    if user.get("client-certificate-data") and user.get("client-key-data"):
+        # The ssl module loads a key only from a file: write both to a private temp dir
+        # for the moment of loading.
+        with tempfile.TemporaryDirectory(prefix="pgbosh-kube-") as tmp:
+            cert = Path(tmp) / "cert.pem"
+            key = Path(tmp) / "key.pem"
+            for target, field in ((cert, "client-certificate-data"), (key, "client-key-data")):
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(base64.b64decode(user[field]))
+            context.load_cert_chain(str(cert), str(key))
+
+
+def _status_of(response: httpx.Response) -> tuple[str, str]:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.reason_phrase or "Error", response.text[:200]
+    if not isinstance(data, dict):
+        return response.reason_phrase or "Error", ""
+    return str(data.get("reason") or response.reason_phrase or "Error"), str(data.get("message") or "")
