@@ -17,7 +17,10 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("controller.api.cli", "print the PostgresCluster CustomResourceDefinition"),
     "operator": ("controller.operator.cli", "run the operator against a Kubernetes API"),
-    "dev": ("controller.local.dev", "run the whole stack on this machine (emulator, director, Consul, operator, broker)"),
+    "dev": (
+        "controller.local.dev",
+        "run the whole stack on this machine (emulator, director, Consul, operator, broker)",
+    ),
     "director": ("controller.local.director.cli", "the local BOSH-Director-compatible server"),
     "consul": ("controller.local.consul.cli", "the local Consul-compatible agent (HTTP and DNS)"),
     "broker": ("controller.broker.cli", "the Open Service Broker API server"),
@@ -27,7 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(available: dict[str, tuple[str, str]] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgbosh", description="Highly available PostgreSQL on BOSH, driven from Kubernetes.")
+    parser = argparse.ArgumentParser(
+        prog="pgbosh", description="Highly available PostgreSQL on BOSH, driven from Kubernetes."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in (available or COMMANDS).items():
         try:

@@ -147,25 +147,29 @@ class Director(Protocol):
         """Start deleting a deployment; None when there is nothing to delete."""
         ...
 
-    async def task(self, task_id: int) -> Task:
-        ...
+    async def task(self, task_id: int) -> Task: ...
 
     async def task_events(self, task_id: int, offset: int = 0) -> tuple[list[TaskEvent], int]:
         """Event lines from byte `offset` on, and the offset to continue from."""
         ...
 
-    async def tasks(self, *, deployment: str | None = None, context_id: str | None = None,
-                    states: tuple[str, ...] = (), limit: int | None = None) -> list[Task]:
-        ...
+    async def tasks(
+        self,
+        *,
+        deployment: str | None = None,
+        context_id: str | None = None,
+        states: tuple[str, ...] = (),
+        limit: int | None = None,
+    ) -> list[Task]: ...
 
     async def instances(self, deployment: str) -> list[Instance]:
         """`GET /deployments/:name/instances?format=full`, followed to its result."""
         ...
 
-    async def set_resurrection(self, deployment: str, group: str, instance_id: str, *, paused: bool) -> None:
-        ...
+    async def set_resurrection(self, deployment: str, group: str, instance_id: str, *, paused: bool) -> None: ...
 
-    async def change_job_state(self, deployment: str, group: str, instance_id: str,
-                               state: JobStateRequest, *, context_id: str) -> int:
+    async def change_job_state(
+        self, deployment: str, group: str, instance_id: str, state: JobStateRequest, *, context_id: str
+    ) -> int:
         """`PUT /deployments/:name/jobs/:group/:id?state=...`; returns the task id."""
         ...

@@ -25,8 +25,7 @@ class PrimaryPublisher(Protocol):
         """Make `master.<service>` name exactly `primary` and `replica.<service>` the replicas."""
         ...
 
-    async def published(self, service: str) -> Published:
-        ...
+    async def published(self, service: str) -> Published: ...
 
     async def withdraw(self, service: str) -> None:
         """Remove every record of the service (cluster deleted)."""

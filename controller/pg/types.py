@@ -24,5 +24,4 @@ class NodeState:
 
 
 class NodeProbe(Protocol):
-    async def probe(self, address: str, port: int) -> NodeState:
-        ...
+    async def probe(self, address: str, port: int) -> NodeState: ...

@@ -1,0 +1,447 @@
+"""The local Kubernetes API: kmock's KubernetesEmulator, made faithful enough for pgbosh.
+
+kmock keeps objects in memory and serves discovery, list, watch, get, create,
+merge-patch and delete. A real API server does more, and pgbosh's users (kopf,
+kubectl) notice. On top of the emulator this adds, for every resource:
+resourceVersion, uid, creationTimestamp and generation on writes, and `kind`
+on lists; for PostgresCluster: admission (defaults, schema, CEL rules) with the
+API server's 422 answer, the status subresource (spec and status written
+separately), and server-side printing (`kubectl get pgc` shows the CRD's printer
+columns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+from kmock._internal import enums, k8s, rendering
+
+from controller.api import crd, models
+from controller.api.validation import Invalid, admit
+
+CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
+PGC_RESOURCE = f"{models.GROUP}/{models.VERSION}/{models.PLURAL}"
+
+# Resources pgbosh and its users touch, with the names kubectl discovers them by.
+CORE_RESOURCES: dict[str, dict[str, Any]] = {
+    "v1/namespaces": {"kind": "Namespace", "singular": "namespace", "shortnames": {"ns"}, "namespaced": False},
+    "v1/events": {"kind": "Event", "singular": "event", "shortnames": {"ev"}, "namespaced": True},
+    "v1/secrets": {"kind": "Secret", "singular": "secret", "namespaced": True},
+    "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap", "shortnames": {"cm"}, "namespaced": True},
+    "events.k8s.io/v1/events": {"kind": "Event", "singular": "event", "namespaced": True},
+    CRD_RESOURCE: {
+        "kind": "CustomResourceDefinition",
+        "singular": "customresourcedefinition",
+        "shortnames": {"crd", "crds"},
+        "namespaced": False,
+    },
+    "coordination.k8s.io/v1/leases": {"kind": "Lease", "singular": "lease", "namespaced": True},
+}
+ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete", "deletecollection"}
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+def _json_path(obj: Any, path: str) -> Any:
+    value = obj
+    for part in path.strip(".").split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _age(timestamp: str | None) -> str:
+    if not timestamp:
+        return "<unknown>"
+    then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    secs = int((datetime.now(UTC) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+@attrs.define(kw_only=True)
+class LocalKubernetes(kmock.KubernetesEmulator):
+    """The Kubernetes API pgbosh runs against on one machine and in its tests."""
+
+    _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for name, info in CORE_RESOURCES.items():
+            self.resources[name] = kmock.ResourceInfo(
+                kind=info["kind"],
+                singular=info["singular"],
+                shortnames=info.get("shortnames", set()),
+                namespaced=info["namespaced"],
+                verbs=ALL_VERBS,
+            )
+        self.resources[PGC_RESOURCE] = kmock.ResourceInfo(
+            kind=models.KIND,
+            singular=models.SINGULAR,
+            shortnames=set(models.SHORT_NAMES),
+            categories={"all"},
+            namespaced=True,
+            verbs=ALL_VERBS,
+            subresources={"status", "scale"},
+        )
+        self.fallback["get /openapi/v3"] << self._serve_openapi_index
+        self.fallback[f"get /openapi/v3/apis/{models.GROUP}/{models.VERSION}"] << self._serve_openapi_group
+        self.fallback["get /openapi/v2"] << self._serve_openapi_v2
+        definition = crd.crd()
+        self.objects[kmock.resource(CRD_RESOURCE), None, definition["metadata"]["name"]] = self._stamp(definition)
+        for namespace in ("default", "kube-system"):
+            self.objects[kmock.resource("v1/namespaces"), None, namespace] = self._stamp(
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+            )
+
+    def _stamp(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", _now())
+        meta["resourceVersion"] = str(next(self._versions))
+        return obj
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def _current(self, request: rendering.Request) -> dict[str, Any] | None:
+        if request.resource is None or request.name is None:
+            return None
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects:
+            return None
+        obj = self.objects[key]
+        return None if obj.deleted else copy.deepcopy(dict(obj.raw))
+
+    def _prepare_create(self, request: rendering.Request) -> dict[str, Any]:
+        data: dict[str, Any] = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
+        meta = data.setdefault("metadata", {})
+        if request.namespace and not meta.get("namespace"):
+            meta["namespace"] = request.namespace
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if not meta.get("name"):
+            raise k8s.KubernetesError(
+                status=422, reason="Invalid", message="metadata.name: Required value: name or generateName is required"
+            )
+        meta["generation"] = 1
+        meta.pop("resourceVersion", None)
+        meta.pop("deletionTimestamp", None)
+        if request.resource == kmock.resource(PGC_RESOURCE):
+            data.pop("status", None)
+            data = self._admit(data, None)
+        if request.resource == kmock.resource("v1/secrets") and isinstance(data.get("stringData"), dict):
+            encoded = {k: base64.b64encode(str(v).encode()).decode() for k, v in data.pop("stringData").items()}
+            data["data"] = {**(data.get("data") or {}), **encoded}
+        return self._stamp(data)
+
+    def _prepare_update(self, request: rendering.Request, current: dict[str, Any]) -> dict[str, Any]:
+        patch: dict[str, Any] = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
+        is_pgc = request.resource == kmock.resource(PGC_RESOURCE)
+        if request.method == enums.method.PUT:
+            # A replace: the body is the whole object; express it as a patch of the current one.
+            patch = {k: patch.get(k) for k in set(current) | set(patch)}
+            patch["metadata"] = {
+                **(patch.get("metadata") or {}),
+                "uid": current["metadata"].get("uid"),
+                "creationTimestamp": current["metadata"].get("creationTimestamp"),
+            }
+        if request.subresource == "scale" and is_pgc:
+            replicas = (patch.get("spec") or {}).get("replicas")
+            patch = {"spec": {"instances": replicas}} if replicas is not None else {}
+        elif request.subresource == "status":
+            patch = {"status": patch.get("status")} if "status" in patch else {}
+        elif is_pgc:
+            patch.pop("status", None)  # the main resource ignores status, as with a status subresource
+        meta_patch = patch.get("metadata") or {}
+        for readonly in ("uid", "creationTimestamp", "generation", "resourceVersion", "deletionTimestamp"):
+            meta_patch.pop(readonly, None)
+        if meta_patch:
+            patch["metadata"] = meta_patch
+        result = _merge_patch(current, patch)
+        if result.get("spec") != current.get("spec"):
+            result["metadata"]["generation"] = int(current["metadata"].get("generation", 1)) + 1
+        if is_pgc and request.subresource != "status":
+            result = self._admit(result, current)
+        return self._stamp(result)
+
+    @staticmethod
+    def _admit(obj: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+        try:
+            return admit(obj, old)
+        except Invalid as exc:
+            raise k8s.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message=str(exc),
+                details={
+                    "name": exc.name,
+                    "group": models.GROUP,
+                    "kind": models.KIND,
+                    "causes": [
+                        {"reason": "FieldValueInvalid", "message": e.message, "field": e.path} for e in exc.errors
+                    ],
+                },
+            ) from None
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and request.action == enums.action.CREATE:
+            _replace_data(request, self._prepare_create(request))
+        elif request.resource is not None and request.action == enums.action.UPDATE and request.name:
+            current = self._current(request)
+            if current is not None:
+                updated = self._prepare_update(request, current)
+                # kmock merges the patch it is given; hand it the whole new object, with
+                # deletions spelled as None so that it drops them too.
+                as_patch = _merge_diff(current, updated)
+                _replace_data(request, as_patch)
+        elif request.resource is not None and request.action == enums.action.DELETE and request.name:
+            current = self._current(request)
+            if current is not None and current["metadata"].get("finalizers"):
+                # kmock sets deletionTimestamp; a resourceVersion bump lets watchers see a new version.
+                self.objects[request.resource, request.namespace, request.name].patch(
+                    {"metadata": {"resourceVersion": str(next(self._versions))}}
+                )
+        return await super()._handle(request)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict):
+            for entry in payload.get("resources", []):
+                if "/" in entry["name"]:  # a subresource is not found by short names or categories
+                    entry["shortNames"] = []
+                    entry["categories"] = []
+                    entry["verbs"] = ["get", "patch", "update"]
+        return payload
+
+    async def _serve_openapi_index(self, request: rendering.Request) -> rendering.Payload:
+        return {
+            "paths": {
+                f"apis/{models.GROUP}/{models.VERSION}": {
+                    "serverRelativeURL": f"/openapi/v3/apis/{models.GROUP}/{models.VERSION}"
+                }
+            }
+        }
+
+    async def _serve_openapi_v2(self, request: rendering.Request) -> rendering.Payload:
+        doc = await self._serve_openapi_group(request)
+        assert isinstance(doc, dict)
+        return {"swagger": "2.0", "info": doc["info"], "paths": {}, "definitions": doc["components"]["schemas"]}
+
+    async def _serve_openapi_group(self, request: rendering.Request) -> rendering.Payload:
+        """Enough OpenAPI v3 for kubectl's client-side validation of PostgresCluster."""
+        schema = copy.deepcopy(crd.open_api_schema())
+        schema["x-kubernetes-group-version-kind"] = [
+            {"group": models.GROUP, "version": models.VERSION, "kind": models.KIND}
+        ]
+        schema["properties"]["metadata"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        name = f"dev.pgbosh.{models.VERSION}.{models.KIND}"
+        gvk = {"group": models.GROUP, "version": models.VERSION, "kind": models.KIND}
+        # kubectl reads the operations' parameters to learn the server validates fields itself.
+        operation = {
+            "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+            "x-kubernetes-group-version-kind": gvk,
+            "responses": {},
+        }
+        base = f"/apis/{models.GROUP}/{models.VERSION}/namespaces/{{namespace}}/{models.PLURAL}"
+        paths = {base: {"post": operation}, base + "/{name}": {"patch": operation, "put": operation}}
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "pgbosh local", "version": models.VERSION},
+            "paths": paths,
+            "components": {"schemas": {name: schema}},
+        }
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        payload = await super()._serve_list(request)
+        assert isinstance(payload, dict) and request.resource is not None
+        info = self._info(request)
+        payload["apiVersion"] = _api_version(request)
+        payload["kind"] = f"{info.kind}List" if info and info.kind else "List"
+        payload["metadata"] = {"resourceVersion": str(next(self._versions))}
+        selector = request.params.get("labelSelector")
+        if selector:
+            payload["items"] = [o for o in payload["items"] if _selected(o, selector)]
+        if _wants_table(request):
+            return self._table(request, payload["items"], payload["metadata"])
+        return payload
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        payload = await super()._serve_fetch(request)
+        if request.subresource == "scale" and isinstance(payload, dict):
+            return {
+                "apiVersion": "autoscaling/v1",
+                "kind": "Scale",
+                "metadata": payload.get("metadata", {}),
+                "spec": {"replicas": (payload.get("spec") or {}).get("instances")},
+                "status": {"replicas": (payload.get("status") or {}).get("instanceCount", 0)},
+            }
+        if _wants_table(request) and isinstance(payload, dict):
+            return self._table(
+                request, [payload], {"resourceVersion": payload.get("metadata", {}).get("resourceVersion")}
+            )
+        return payload
+
+    def _info(self, request: rendering.Request) -> kmock.ResourceInfo | None:
+        for resource in self._get_resources():
+            if resource == request.resource:
+                try:
+                    info: kmock.ResourceInfo = self.resources[resource]
+                    return info
+                except KeyError:
+                    return None
+        return None
+
+    def _table(self, request: rendering.Request, items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+        columns: list[dict[str, Any]] = [{"name": "Name", "type": "string", "format": "name", "description": "Name"}]
+        extra: list[dict[str, Any]] = []
+        if request.resource == kmock.resource(PGC_RESOURCE):
+            extra = crd.PRINTER_COLUMNS
+        else:
+            extra = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+        columns += [
+            {
+                "name": c["name"],
+                "type": "string" if c["type"] == "date" else c["type"],
+                "format": "",
+                "description": c.get("description", ""),
+            }
+            for c in extra
+        ]
+        rows = []
+        for item in items:
+            cells: list[Any] = [item.get("metadata", {}).get("name")]
+            for column in extra:
+                value = _json_path(item, column["jsonPath"])
+                cells.append(_age(value) if column["type"] == "date" else value)
+            partial = {
+                "apiVersion": "meta.k8s.io/v1",
+                "kind": "PartialObjectMetadata",
+                "metadata": item.get("metadata", {}),
+            }
+            rows.append({"cells": cells, "object": partial})
+        return {
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "Table",
+            "metadata": meta,
+            "columnDefinitions": columns,
+            "rows": rows,
+        }
+
+
+def _replace_data(request: rendering.Request, data: Any) -> None:
+    # kmock matches reactions by the identity of the request object it recorded, so the
+    # admitted body replaces the parsed one in place rather than in a copy.
+    object.__setattr__(request, "data", data)
+
+
+def _merge_diff(current: Any, updated: Any) -> Any:
+    """The merge patch that turns `current` into `updated` (None deletes a key)."""
+    if not isinstance(current, dict) or not isinstance(updated, dict):
+        return copy.deepcopy(updated)
+    patch: dict[str, Any] = {}
+    for key in set(current) | set(updated):
+        if key not in updated:
+            patch[key] = None
+        elif key not in current or current[key] != updated[key]:
+            patch[key] = _merge_diff(current.get(key), updated[key])
+    return patch
+
+
+def _api_version(request: rendering.Request) -> str:
+    assert request.resource is not None
+    group = request.resource.group
+    return f"{group}/{request.resource.version}" if group else str(request.resource.version)
+
+
+def _wants_table(request: rendering.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    return "as=Table" in accept
+
+
+def _selected(obj: dict[str, Any], selector: str) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, value = term.replace("==", "=").split("=", 1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+@asynccontextmanager
+async def serve(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[tuple[LocalKubernetes, str]]:
+    """Run the local Kubernetes API on a loopback port; yields it and its URL."""
+    async with LocalKubernetes() as api, kmock.Server(api, host=host, port=port or None) as server:
+        yield api, str(server.url).rstrip("/")
+
+
+def write_kubeconfig(path: str, server_url: str, namespace: str = "default") -> None:
+    import os
+
+    import yaml
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "pgbosh-local", "cluster": {"server": server_url}}],
+        "users": [{"name": "pgbosh-local", "user": {"token": "local-emulator"}}],
+        "contexts": [
+            {
+                "name": "pgbosh-local",
+                "context": {"cluster": "pgbosh-local", "user": "pgbosh-local", "namespace": namespace},
+            }
+        ],
+        "current-context": "pgbosh-local",
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+async def _main() -> None:  # pragma: no cover - manual helper
+    async with serve(port=18443) as (_, url):
+        print(url)
+        await asyncio.Event().wait()
