@@ -1,0 +1,351 @@
+"""The `postgres` job: provision the node (bootstrap, clone or reuse the disk), then
+run and supervise postgres and repmgrd.
+
+Decisions about what to do with the data directory are made in `plan_provisioning`
+(pure); everything else here is I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from controller.node.config import AgentConfig, Peer, PostgresJobProperties
+from controller.node.layout import NodeLayout
+from controller.node.pgconf import (
+    INCLUDE_LINE,
+    PGBOSH_CONF,
+    REPMGR_DATABASE,
+    REPMGR_USER,
+    render_pg_hba,
+    render_pg_ident,
+    render_pgpass,
+    render_postgresql_conf,
+    render_repmgr_conf,
+)
+from controller.node.processes import PostgresServer, RepmgrDaemon
+from controller.node.runas import RunAs
+from controller.node.supervisor import Backoff, ProcessState, Supervisor
+
+log = logging.getLogger(__name__)
+
+PEER_CONNECT_TIMEOUT = 2
+PRIMARY_WAIT_POLL = 1.0
+PROVISION_RETRY_MAX = 30.0
+POSTGRES_READY_TIMEOUT = 300.0
+
+
+class Provisioning(enum.Enum):
+    BOOTSTRAP = "bootstrap"  # initdb a new primary
+    CLONE = "clone"  # repmgr standby clone from the primary
+    FINISH_BOOTSTRAP = "finish-bootstrap"  # initdb done, roles/registration maybe not
+    REUSE = "reuse"  # a provisioned disk: start it as it is
+
+
+class ProvisioningRefused(Exception):
+    """Starting this node now would be unsafe (e.g. a second writable primary)."""
+
+
+def plan_provisioning(*, bootstrap: bool, initialized: bool, provisioned: bool) -> Provisioning:
+    if provisioned and initialized:
+        return Provisioning.REUSE
+    if bootstrap:
+        return Provisioning.FINISH_BOOTSTRAP if initialized else Provisioning.BOOTSTRAP
+    # A standby whose clone or registration did not finish: clone again from scratch.
+    return Provisioning.CLONE
+
+
+@dataclass(frozen=True)
+class PeerRole:
+    peer: Peer
+    primary: bool  # answers, is not in recovery, and is registered as repmgr primary
+
+
+class PostgresJob:
+    def __init__(self, config: AgentConfig, props: PostgresJobProperties, run_as: RunAs) -> None:
+        self.config = config
+        self.props = props
+        self.layout = NodeLayout.for_config(config, props.postgres.major_version)
+        self.run_as = run_as
+        self.postgres = PostgresServer(self.layout, run_as, props.postgres.port)
+        self.repmgrd = RepmgrDaemon(self.layout, run_as)
+        self.supervisors = [Supervisor(self.postgres), Supervisor(self.repmgrd, Backoff(grace=0.0))]
+        self.desired_running = False
+        self.provisioning = False
+        self.error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- public ------------------------------------------------------------------
+    def start(self) -> None:
+        self.desired_running = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="postgres-job")
+
+    async def stop(self) -> None:
+        """Drain: stop repmgrd first (no failover decisions while we go), then postgres fast."""
+        self.desired_running = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.provisioning = False
+        for supervisor in reversed(self.supervisors):
+            await supervisor.stop()
+        # A postmaster we did not start (repmgr's pg_ctl) is stopped as well.
+        await self.postgres.terminate()
+        log.info("job postgres stopped")
+
+    def job_state(self) -> str:
+        if not self.desired_running:
+            return "stopped"
+        if self.error is not None:
+            return "failing"
+        if self.provisioning:
+            return "starting"
+        states = {supervisor.state for supervisor in self.supervisors}
+        if states == {ProcessState.RUNNING}:
+            return "running"
+        if ProcessState.FAILING in states:
+            return "failing"
+        return "starting"
+
+    async def role(self) -> str:
+        if self.postgres.current_pid() is None:
+            return "unknown"
+        in_recovery = await self.postgres.in_recovery()
+        if in_recovery is None:
+            return "unknown"
+        return "standby" if in_recovery else "primary"
+
+    # --- the job's life ------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = 1.0
+        while True:
+            self.provisioning = True
+            try:
+                await self._provision_and_start()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.error = str(error)
+                log.error("job postgres failing: %s", error)
+                for supervisor in reversed(self.supervisors):
+                    await supervisor.stop()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PROVISION_RETRY_MAX)
+                continue
+            self.error = None
+            self.provisioning = False
+            return
+
+    async def _provision_and_start(self) -> None:
+        self._prepare_directories()
+        plan = plan_provisioning(
+            bootstrap=self.config.bootstrap,
+            initialized=self.layout.data_dir_initialized(),
+            provisioned=self.layout.provisioned_marker.exists(),
+        )
+        log.info("provisioning plan: %s", plan.value)
+        if plan is Provisioning.BOOTSTRAP:
+            self._wipe_data_dir()
+            await self._initdb()
+        elif plan is Provisioning.CLONE:
+            primary = await self._wait_for_primary()
+            self._wipe_data_dir()
+            await self._clone(primary)
+        elif plan is Provisioning.REUSE and not self.layout.data_dir_is_standby():
+            await self._refuse_second_primary()
+        self._write_server_config()
+        postgres = self.supervisors[0]
+        postgres.start()
+        await postgres.wait_running(POSTGRES_READY_TIMEOUT)
+        if plan in (Provisioning.BOOTSTRAP, Provisioning.FINISH_BOOTSTRAP):
+            await self._create_roles_and_databases()
+            await self._repmgr("primary", "register", "--force")
+        elif plan is Provisioning.CLONE:
+            await self._repmgr("standby", "register", "--force")
+        if plan is not Provisioning.REUSE:
+            self.layout.provisioned_marker.write_text(f"{plan.value}\n")
+        self.supervisors[1].start()
+        await self.supervisors[1].wait_running(30)
+        log.info("job postgres running")
+
+    # --- files ---------------------------------------------------------------------
+    def _prepare_directories(self) -> None:
+        layout = self.layout
+        self.run_as.make_dir(layout.socket_dir, 0o700)
+        self.run_as.make_dir(layout.log_dir, 0o750)
+        self.run_as.make_dir(layout.postgres_root, 0o700)
+        self.run_as.write_file(layout.pgpass, render_pgpass(self.props), 0o600)
+        self.run_as.write_file(layout.repmgr_conf, render_repmgr_conf(self.config, self.props, layout), 0o640)
+
+    def _wipe_data_dir(self) -> None:
+        if self.layout.data_dir.exists():
+            log.warning("removing incomplete data directory %s", self.layout.data_dir)
+            shutil.rmtree(self.layout.data_dir)
+        self.layout.provisioned_marker.unlink(missing_ok=True)
+        self.run_as.make_dir(self.layout.data_dir, 0o700)
+
+    def _write_server_config(self) -> None:
+        data = self.layout.data_dir
+        conf, ignored = render_postgresql_conf(self.config, self.props, self.layout)
+        if ignored:
+            log.warning("ignoring parameters the agent manages: %s", ", ".join(ignored))
+        self.run_as.write_file(data / PGBOSH_CONF, conf, 0o600)
+        main_conf = data / "postgresql.conf"
+        text = main_conf.read_text()
+        if INCLUDE_LINE not in text:
+            self.run_as.write_file(main_conf, text.rstrip("\n") + "\n\n" + INCLUDE_LINE + "\n", 0o600)
+        self.run_as.write_file(data / "pg_hba.conf", render_pg_hba(self.config), 0o600)
+        self.run_as.write_file(data / "pg_ident.conf", render_pg_ident(self.config), 0o600)
+        self._drop_stale_passfile()
+
+    def _drop_stale_passfile(self) -> None:
+        """primary_conninfo must not name a password file of an earlier VM (its vm_dir
+        is gone); the server finds ours through PGPASSFILE."""
+        auto_conf = self.layout.data_dir / "postgresql.auto.conf"
+        if not auto_conf.exists():
+            return
+        text = auto_conf.read_text()
+        cleaned = re.sub(r"\s*passfile=(?:'(?:[^'\\]|\\.)*'|\S+?)(?=[\s']|$)", "", text)
+        if cleaned != text:
+            self.run_as.write_file(auto_conf, cleaned, 0o600)
+
+    # --- steps -----------------------------------------------------------------------
+    async def _initdb(self) -> None:
+        await self.run_as.run(
+            [
+                self.layout.binary("initdb"),
+                "-D",
+                self.layout.data_dir,
+                "--data-checksums",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                f"--username={self.run_as.user}",
+                "--auth-local=peer",
+                "--auth-host=scram-sha-256",
+            ],
+            time_limit=120,
+        )
+
+    async def _clone(self, primary: Peer) -> None:
+        await self._repmgr(
+            "standby",
+            "clone",
+            "-h",
+            primary.address,
+            "-p",
+            str(self.props.postgres.port),
+            "-U",
+            REPMGR_USER,
+            "-d",
+            REPMGR_DATABASE,
+            "--fast-checkpoint",
+            time_limit=3600,
+        )
+
+    async def _repmgr(self, *args: str, time_limit: float = 120) -> str:
+        return await self.run_as.run(
+            [self.layout.binary("repmgr"), "-f", self.layout.repmgr_conf, *args], time_limit=time_limit
+        )
+
+    async def _create_roles_and_databases(self) -> None:
+        """Idempotent: a bootstrap interrupted half way runs this again."""
+        pg = self.props.postgres
+        async with await self.postgres.connect() as conn:
+            # Commits here must not wait for standbys that do not exist yet (sync mode).
+            await conn.execute("SET synchronous_commit = local")
+            roles = [
+                (REPMGR_USER, pg.replication_password.get_secret_value(), "SUPERUSER REPLICATION LOGIN"),
+                (pg.admin_user, pg.admin_password.get_secret_value(), "SUPERUSER CREATEDB CREATEROLE LOGIN"),
+            ]
+            for name, password, attributes in roles:
+                # The server only ever sees a SCRAM verifier: even a statement logged on
+                # error carries no password.
+                verifier = conn.pgconn.encrypt_password(password.encode(), name.encode(), b"scram-sha-256")
+                exists = await (await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))).fetchone()
+                verb = "ALTER" if exists else "CREATE"
+                await conn.execute(
+                    sql.SQL("{} ROLE {} WITH {} PASSWORD {}").format(
+                        sql.SQL(verb), sql.Identifier(name), sql.SQL(attributes), sql.Literal(verifier.decode())
+                    )
+                )
+            # repmgr's own bookkeeping never needs to wait for a synchronous standby.
+            await conn.execute(
+                sql.SQL("ALTER ROLE {} SET synchronous_commit = local").format(sql.Identifier(REPMGR_USER))
+            )
+            wanted = [(REPMGR_DATABASE, REPMGR_USER)] + [(db.name, pg.admin_user) for db in pg.databases]
+            for database, owner in wanted:
+                found = await (
+                    await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+                ).fetchone()
+                if not found:
+                    await conn.execute(
+                        sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(owner))
+                    )
+        log.info("roles %s, %s and databases %s are in place", REPMGR_USER, pg.admin_user, [d for d, _ in wanted])
+
+    async def _probe_peer(self, peer: Peer) -> PeerRole | None:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                host=peer.address,
+                port=self.props.postgres.port,
+                user=REPMGR_USER,
+                password=self.props.postgres.replication_password.get_secret_value(),
+                dbname=REPMGR_DATABASE,
+                connect_timeout=PEER_CONNECT_TIMEOUT,
+                autocommit=True,
+            ) as conn:
+                row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
+                if row is None or row[0]:
+                    return PeerRole(peer, primary=False)
+                registered = await (
+                    await conn.execute(
+                        "SELECT to_regclass('repmgr.nodes') IS NOT NULL"
+                        " AND EXISTS (SELECT 1 FROM repmgr.nodes WHERE type = 'primary' AND active)"
+                    )
+                ).fetchone()
+                return PeerRole(peer, primary=bool(registered and registered[0]))
+        except psycopg.Error:
+            return None
+
+    async def find_primary_peer(self) -> Peer | None:
+        results = await asyncio.gather(*(self._probe_peer(peer) for peer in self.config.other_peers()))
+        for result in results:
+            if result is not None and result.primary:
+                return result.peer
+        return None
+
+    async def _wait_for_primary(self) -> Peer:
+        logged = False
+        while True:
+            primary = await self.find_primary_peer()
+            if primary is not None:
+                log.info("cloning from primary %s (index %d)", primary.address, primary.index)
+                return primary
+            if not logged:
+                log.info("waiting for a peer to be a registered primary")
+                logged = True
+            await asyncio.sleep(PRIMARY_WAIT_POLL)
+
+    async def _refuse_second_primary(self) -> None:
+        """This disk held a primary. If another primary has taken over meanwhile,
+        starting ours would split the cluster in two."""
+        other = await self.find_primary_peer()
+        if other is None:
+            return
+        # TODO(HA): rejoin as a standby of `other` here (repmgr node rejoin --force-rewind,
+        # or a fresh clone when rewind fails) instead of refusing.
+        raise ProvisioningRefused(
+            f"this disk holds a former primary but {other.address} (index {other.index}) is the primary now; "
+            "refusing to start a second primary (rejoin not implemented yet)"
+        )

@@ -1,0 +1,178 @@
+"""Pure rendering of the node's configuration files (postgresql, pg_hba, repmgr, pgpass)."""
+
+from __future__ import annotations
+
+from controller.node.config import AgentConfig, PostgresJobProperties
+from controller.node.layout import NodeLayout
+
+REPMGR_USER = "repmgr"
+REPMGR_DATABASE = "repmgr"
+PGBOSH_CONF = "pgbosh.conf"
+INCLUDE_LINE = f"include_if_exists = '{PGBOSH_CONF}'  # pgbosh: managed settings, written at every start"
+IDENT_MAP = "pgbosh"
+
+# Settings the agent owns: a user parameter with one of these names is ignored
+# (shared_preload_libraries is merged instead), because the node breaks without them.
+MANAGED_PARAMETERS = frozenset(
+    {
+        "listen_addresses",
+        "port",
+        "unix_socket_directories",
+        "hba_file",
+        "ident_file",
+        "data_directory",
+        "config_file",
+        "wal_level",
+        "hot_standby",
+        "wal_log_hints",
+        "logging_collector",
+    }
+)
+
+
+def quote_conf(value: str) -> str:
+    """A single-quoted value for postgresql.conf and repmgr.conf."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def render_postgresql_conf(
+    config: AgentConfig, job: PostgresJobProperties, layout: NodeLayout
+) -> tuple[str, list[str]]:
+    """pgbosh.conf (included last by postgresql.conf) and the user parameters that were ignored."""
+    pg = job.postgres
+    user = dict(pg.parameters)
+    ignored = sorted(name for name in user if name in MANAGED_PARAMETERS)
+    preload = ["repmgr"]
+    for library in user.pop("shared_preload_libraries", "").split(","):
+        library = library.strip().strip('"')
+        if library and library not in preload:
+            preload.append(library)
+    settings: dict[str, str] = {
+        "max_wal_senders": "10",
+        "max_replication_slots": "10",
+        "wal_keep_size": "128MB",
+        "hot_standby_feedback": "on",
+        "password_encryption": "scram-sha-256",
+    }
+    if pg.replication.mode == "sync":
+        # Any n of the standbys (application_name = repmgr node_name) must confirm.
+        settings["synchronous_standby_names"] = f"ANY {pg.replication.sync_standbys} (*)"
+    settings.update({k: v for k, v in user.items() if k not in MANAGED_PARAMETERS})
+    settings.update(
+        {
+            "listen_addresses": config.address,
+            "port": str(pg.port),
+            "unix_socket_directories": str(layout.socket_dir),
+            "shared_preload_libraries": ",".join(preload),
+            "wal_level": "replica",
+            "hot_standby": "on",
+            "wal_log_hints": "on",
+            "logging_collector": "off",
+        }
+    )
+    lines = ["# Written by the pgbosh node agent at every start; edits are overwritten."]
+    lines += [f"{name} = {quote_conf(value)}" for name, value in settings.items()]
+    return "\n".join(lines) + "\n", ignored
+
+
+def render_pg_hba(config: AgentConfig) -> str:
+    # A real deployment would restrict the host lines to the deployment's network;
+    # on one machine every VM is somewhere in 127.0.0.0/8.
+    return "\n".join(
+        [
+            "# Written by the pgbosh node agent at every start; edits are overwritten.",
+            f"local   all          {config.run_as:<12} peer  map={IDENT_MAP}",
+            "local   all          all          scram-sha-256",
+            "host    replication  all          127.0.0.0/8  scram-sha-256",
+            "host    all          all          127.0.0.0/8  scram-sha-256",
+            "",
+        ]
+    )
+
+
+def render_pg_ident(config: AgentConfig) -> str:
+    # The agent runs as root and talks to its local server over the unix socket as
+    # the database superuser; root owns the VM anyway.
+    return "\n".join(
+        [
+            "# Written by the pgbosh node agent at every start; edits are overwritten.",
+            f"{IDENT_MAP}  {config.run_as}  {config.run_as}",
+            f"{IDENT_MAP}  root  {config.run_as}",
+            "",
+        ]
+    )
+
+
+def node_id(config: AgentConfig) -> int:
+    return config.index + 1
+
+
+def node_priority(config: AgentConfig, job: PostgresJobProperties) -> int:
+    if not job.repmgr.priority_by_index:
+        return 100
+    return max(1, 100 - 10 * config.index)
+
+
+def local_conninfo(config: AgentConfig, job: PostgresJobProperties) -> str:
+    return (
+        f"host={config.address} port={job.postgres.port} user={REPMGR_USER} dbname={REPMGR_DATABASE} connect_timeout=2"
+    )
+
+
+def pg_ctl_command(layout: NodeLayout, action: str) -> str:
+    base = f"{layout.binary('pg_ctl')} -D {layout.data_dir} -w -t 120"
+    if action == "stop":
+        return f"{base} -m fast stop"
+    if action in ("start", "restart"):
+        # pgbosh.conf in the data directory already names the socket directory.
+        return f"{base} -l {layout.postgres_log} {action}"
+    if action in ("promote", "reload"):
+        return f"{base} {action}"
+    raise ValueError(action)
+
+
+def render_repmgr_conf(config: AgentConfig, job: PostgresJobProperties, layout: NodeLayout) -> str:
+    repmgr = layout.binary("repmgr")
+    conf = layout.repmgr_conf
+    values: list[tuple[str, str | int]] = [
+        ("node_id", node_id(config)),
+        ("node_name", config.node_name),
+        ("conninfo", local_conninfo(config, job)),
+        ("data_directory", str(layout.data_dir)),
+        ("pg_bindir", str(layout.bindir)),
+        ("replication_user", REPMGR_USER),
+        ("use_replication_slots", "yes"),
+        ("pg_basebackup_options", "--checkpoint=fast"),
+        ("location", config.az or "default"),
+        ("priority", node_priority(config, job)),
+        ("log_file", str(layout.repmgr_log)),
+        ("log_level", "INFO"),
+        ("repmgrd_pid_file", str(layout.repmgrd_pid_file)),
+        ("failover", job.repmgr.failover),
+        ("promote_command", f"{repmgr} standby promote -f {conf} --log-to-file"),
+        ("follow_command", f"{repmgr} standby follow -f {conf} --log-to-file --upstream-node-id=%n"),
+        ("monitor_interval_secs", job.repmgr.monitor_interval_secs),
+        ("reconnect_attempts", job.repmgr.reconnect_attempts),
+        ("reconnect_interval", job.repmgr.reconnect_interval),
+        ("primary_visibility_consensus", "true"),
+        ("service_start_command", pg_ctl_command(layout, "start")),
+        ("service_stop_command", pg_ctl_command(layout, "stop")),
+        ("service_restart_command", pg_ctl_command(layout, "restart")),
+        ("service_reload_command", pg_ctl_command(layout, "reload")),
+        ("service_promote_command", pg_ctl_command(layout, "promote")),
+    ]
+    lines = ["# Written by the pgbosh node agent at every start; edits are overwritten."]
+    for name, value in values:
+        rendered = str(value) if isinstance(value, int) else quote_conf(value)
+        lines.append(f"{name}={rendered}")
+    return "\n".join(lines) + "\n"
+
+
+def _pgpass_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def render_pgpass(job: PostgresJobProperties) -> str:
+    """libpq password file for repmgr, repmgrd and the walreceiver (all via PGPASSFILE)."""
+    secret = _pgpass_field(job.postgres.replication_password.get_secret_value())
+    return f"*:{job.postgres.port}:*:{REPMGR_USER}:{secret}\n"

@@ -1,0 +1,145 @@
+"""Pure parts of the node agent: agent.json validation, rendered files, provisioning plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from controller.node.config import AgentConfig, ConfigError, PostgresJobProperties, load_agent_config
+from controller.node.job import Provisioning, plan_provisioning
+from controller.node.layout import NodeLayout
+from controller.node.pgconf import (
+    render_pg_hba,
+    render_pgpass,
+    render_postgresql_conf,
+    render_repmgr_conf,
+)
+
+SECRET = "s3cr'et:pw"
+
+
+def agent_json(index: int = 1, **postgres: object) -> dict[str, object]:
+    return {
+        "deployment": "pgbosh-default-demo",
+        "instance_group": "postgres",
+        "index": index,
+        "id": f"uuid-{index}",
+        "az": "z2",
+        "address": "127.1.0.11",
+        "bootstrap": index == 0,
+        "agent_id": "agent-1",
+        "vm_dir": "/var/vcap/vm",
+        "persistent_disk": "/var/vcap/disk",
+        "peers": [],
+        "jobs": [
+            {
+                "name": "postgres",
+                "properties": {
+                    "postgres": {
+                        "admin_password": SECRET,
+                        "replication_password": SECRET,
+                        "parameters": {
+                            "max_connections": 200,
+                            "port": "1",
+                            "shared_preload_libraries": "pg_stat_statements",
+                        },
+                        **postgres,
+                    },
+                    "repmgr": {"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnect_interval": 1},
+                },
+            }
+        ],
+    }
+
+
+def parsed(data: dict[str, object]) -> tuple[AgentConfig, PostgresJobProperties]:
+    config = AgentConfig.model_validate(data)
+    job = config.postgres_job()
+    assert job is not None
+    return config, job
+
+
+def test_postgresql_conf_keeps_managed_settings_and_merges_preload() -> None:
+    config, job = parsed(agent_json())
+    layout = NodeLayout.for_config(config, 15)
+    conf, ignored = render_postgresql_conf(config, job, layout)
+    assert ignored == ["port"]
+    assert "listen_addresses = '127.1.0.11'" in conf
+    assert "port = '5432'" in conf
+    assert "unix_socket_directories = '/var/vcap/vm/run'" in conf
+    assert "shared_preload_libraries = 'repmgr,pg_stat_statements'" in conf
+    assert "max_connections = '200'" in conf
+    assert "wal_log_hints = 'on'" in conf
+    assert "synchronous_standby_names" not in conf
+
+
+def test_sync_mode_names_any_n_standbys() -> None:
+    config, job = parsed(agent_json(replication={"mode": "sync", "sync_standbys": 2}))
+    conf, _ = render_postgresql_conf(config, job, NodeLayout.for_config(config, 15))
+    assert "synchronous_standby_names = 'ANY 2 (*)'" in conf
+
+
+def test_repmgr_conf_is_per_node() -> None:
+    config, job = parsed(agent_json(index=1))
+    text = render_repmgr_conf(config, job, NodeLayout.for_config(config, 15))
+    assert "node_id=2\n" in text
+    assert "node_name='uuid-1'" in text
+    assert "conninfo='host=127.1.0.11 port=5432 user=repmgr dbname=repmgr connect_timeout=2'" in text
+    assert "repmgrd_pid_file='/var/vcap/vm/run/repmgrd.pid'" in text
+    assert "location='z2'" in text
+    assert "priority=90\n" in text
+    assert "failover='automatic'" in text
+    assert "monitor_interval_secs=1\n" in text
+    assert (
+        "promote_command='/usr/lib/postgresql/15/bin/repmgr standby promote -f /var/vcap/vm/repmgr.conf --log-to-file'"
+        in text
+    )
+    assert "--upstream-node-id=%n'" in text
+    assert "pg_ctl -D /var/vcap/disk/postgres/data" in text
+    assert SECRET not in text
+
+
+def test_passwords_only_in_pgpass_escaped() -> None:
+    config, job = parsed(agent_json())
+    assert render_pgpass(job) == "*:5432:*:repmgr:s3cr'et\\:pw\n"
+    assert SECRET not in render_pg_hba(config)
+    assert SECRET not in repr(config) + repr(job)
+
+
+def test_validation_errors_never_echo_secrets(tmp_path: Path) -> None:
+    data = agent_json()
+    data["jobs"] = [{"name": "postgres", "properties": {"postgres": {"admin_password": SECRET, "port": "x"}}}]
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as error:
+        load_agent_config(path)
+    assert "replication_password" in str(error.value)
+    assert "port" in str(error.value)
+    assert SECRET not in str(error.value)
+
+
+def test_unknown_job_is_refused(tmp_path: Path) -> None:
+    data = agent_json()
+    data["jobs"] = [{"name": "redis", "properties": {}}]
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="unknown job"):
+        load_agent_config(path)
+
+
+@pytest.mark.parametrize(
+    ("bootstrap", "initialized", "provisioned", "plan"),
+    [
+        (True, False, False, Provisioning.BOOTSTRAP),
+        (True, True, False, Provisioning.FINISH_BOOTSTRAP),
+        (True, True, True, Provisioning.REUSE),
+        (False, False, False, Provisioning.CLONE),
+        (False, True, False, Provisioning.CLONE),
+        (False, True, True, Provisioning.REUSE),
+        (False, False, True, Provisioning.CLONE),
+    ],
+)
+def test_provisioning_plan(bootstrap: bool, initialized: bool, provisioned: bool, plan: Provisioning) -> None:
+    assert plan_provisioning(bootstrap=bootstrap, initialized=initialized, provisioned=provisioned) is plan
