@@ -1,0 +1,228 @@
+"""Real node agents for tests: started like the local director starts them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_USER = "pgbosh_admin"
+# Quotes and colons on purpose: they must survive SQL, pgpass and conf quoting.
+ADMIN_PASSWORD = "admin'pw:1"
+REPLICATION_PASSWORD = "repl'pw:2"
+PORT = 5432
+
+
+def make_base_dir() -> Path:
+    """A directory the postgres user can traverse (pytest's tmp_path may sit in a 0700 home)."""
+    base = Path(tempfile.mkdtemp(prefix="pgbosh-node-", dir="/var/tmp"))
+    base.chmod(0o755)
+    return base
+
+
+def properties() -> dict[str, Any]:
+    return {
+        "postgres": {
+            "major_version": 15,
+            "port": PORT,
+            "parameters": {"shared_buffers": "16MB", "max_connections": "40"},
+            "replication": {"mode": "async"},
+            "admin_user": ADMIN_USER,
+            "admin_password": ADMIN_PASSWORD,
+            "replication_password": REPLICATION_PASSWORD,
+            "databases": [{"name": "app"}],
+        },
+        "repmgr": {
+            # Slower detection than production: a restarted primary must not be failed over here.
+            "monitor_interval_secs": 2,
+            "reconnect_attempts": 6,
+            "reconnect_interval": 5,
+            "failover": "automatic",
+            "priority_by_index": True,
+        },
+        "consul": {"service": "pg-test", "http_addr": ""},
+    }
+
+
+@dataclass
+class Node:
+    index: int
+    address: str
+    base: Path
+    generation: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    peers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def vm_dir(self) -> Path:
+        # A new VM directory per generation, like a recreated VM.
+        return self.base / "vms" / f"vm-{self.index}-{self.generation}"
+
+    @property
+    def disk(self) -> Path:
+        return self.base / "disks" / f"disk-{self.index}"
+
+    @property
+    def socket(self) -> Path:
+        return self.vm_dir / "agent.sock"
+
+    def agent_json(self) -> dict[str, Any]:
+        return {
+            "deployment": "pgbosh-test-node",
+            "instance_group": "postgres",
+            "index": self.index,
+            "id": f"node-{self.index}",
+            "az": f"z{self.index + 1}",
+            "address": self.address,
+            "bootstrap": self.index == 0,
+            "agent_id": f"agent-{self.index}-{self.generation}",
+            "vm_dir": str(self.vm_dir),
+            "persistent_disk": str(self.disk),
+            "run_as": "postgres",
+            "peers": self.peers,
+            "jobs": [{"name": "postgres", "properties": properties()}],
+        }
+
+    def start_agent(self) -> None:
+        for path in (self.vm_dir, self.disk):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o755)
+        config = self.vm_dir / "agent.json"
+        config.write_text(json.dumps(self.agent_json()))
+        config.chmod(0o600)
+        out = (self.vm_dir / "agent.out").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "controller.node", "agent", "--config", str(config)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, like a director VM
+        )
+        out.close()
+
+    def request(self, method: str, path: str, timeout: float = 10.0) -> dict[str, Any]:
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        with httpx.Client(transport=transport, base_url="http://agent", timeout=timeout) as client:
+            response = client.request(method, path)
+            response.raise_for_status()
+            result: dict[str, Any] = response.json()
+            return result
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", "/status")
+        except (httpx.HTTPError, OSError):
+            return None
+
+    def process_state(self, name: str) -> str | None:
+        status = self.status()
+        if status is None:
+            return None
+        for process in status["processes"]:
+            if process["name"] == name:
+                return str(process["state"])
+        return None
+
+    def postmaster_pid(self) -> int:
+        return int((self.disk / "postgres" / "data" / "postmaster.pid").read_text().splitlines()[0])
+
+    def connect(self, dbname: str = "app") -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(
+            host=self.address,
+            port=PORT,
+            user=ADMIN_USER,
+            password=ADMIN_PASSWORD,
+            dbname=dbname,
+            connect_timeout=3,
+            autocommit=True,
+        )
+
+    def stop_agent(self, timeout: float = 60.0) -> None:
+        """SIGTERM (like /shutdown), then make sure the whole process group is gone."""
+        process = self.process
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill_agent()
+
+    def kill_agent(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+        self.process = None
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except (psycopg.Error, OSError, httpx.HTTPError) as error:
+            last_error = error
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
+
+
+def agent_log_tail(node: Node, lines: int = 40) -> str:
+    text = ""
+    for path in sorted(node.base.glob(f"vms/vm-{node.index}-*/agent.log")):
+        text += f"--- {path}\n" + "\n".join(path.read_text().splitlines()[-lines:]) + "\n"
+    return text
+
+
+@contextlib.contextmanager
+def running_cluster(addresses: list[str]) -> Iterator[list[Node]]:
+    base = make_base_dir()
+    nodes = [Node(index=i, address=address, base=base) for i, address in enumerate(addresses)]
+    peers = [
+        {
+            "index": n.index,
+            "id": f"node-{n.index}",
+            "az": f"z{n.index + 1}",
+            "address": n.address,
+            "bootstrap": n.index == 0,
+        }
+        for n in nodes
+    ]
+    for node in nodes:
+        node.peers = peers
+    try:
+        for node in nodes:
+            node.start_agent()
+        for node in nodes:
+            try:
+                wait_for(lambda n=node: (n.status() or {}).get("job_state") == "running", 120, f"node {node.index}")
+            except AssertionError as error:
+                raise AssertionError(f"{error}\n{agent_log_tail(node)}") from None
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop_agent()
+        shutil.rmtree(base, ignore_errors=True)

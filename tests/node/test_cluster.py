@@ -1,0 +1,132 @@
+"""Three real node agents (postgres + repmgrd as the postgres user) on loopback addresses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .cluster import (
+    ADMIN_PASSWORD,
+    REPLICATION_PASSWORD,
+    Node,
+    agent_log_tail,
+    running_cluster,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+ADDRESSES = ["127.201.0.10", "127.201.0.11", "127.201.0.12"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[Node]]:
+    with running_cluster(ADDRESSES) as nodes:
+        yield nodes
+
+
+def streaming_standbys(primary: Node) -> list[str]:
+    with primary.connect("postgres") as conn:
+        rows = conn.execute(
+            "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming' ORDER BY 1"
+        ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def read_rows(node: Node) -> list[str]:
+    with node.connect() as conn:
+        return [str(row[0]) for row in conn.execute("SELECT note FROM notes ORDER BY id").fetchall()]
+
+
+def test_primary_streams_to_two_standbys(cluster: list[Node]) -> None:
+    primary, *standbys = cluster
+    assert (primary.status() or {})["role"] == "primary"
+    for standby in standbys:
+        assert (standby.status() or {})["role"] == "standby"
+    names = wait_for(lambda: len(streaming_standbys(primary)) == 2 and streaming_standbys(primary), 30, "2 standbys")
+    assert names == ["node-1", "node-2"]
+
+
+def test_status_reports_processes(cluster: list[Node]) -> None:
+    status: dict[str, Any] = cluster[1].status() or {}
+    assert status["agent_id"] == "agent-1-0"
+    assert status["job_state"] == "running"
+    assert [p["name"] for p in status["processes"]] == ["postgres", "repmgrd"]
+    for process in status["processes"]:
+        assert process["state"] == "running"
+        assert process["uptime"]["secs"] >= 0
+        assert process["mem"]["kb"] > 0
+        assert isinstance(process["cpu"]["total"], float)
+    assert set(status["vitals"]) >= {"load", "mem", "disk"}
+
+
+def test_row_written_on_primary_is_read_on_both_standbys(cluster: list[Node]) -> None:
+    primary, *standbys = cluster
+    with primary.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO notes (note) VALUES ('written on the primary')")
+    for standby in standbys:
+        wait_for(lambda s=standby: "written on the primary" in read_rows(s), 30, f"row on node {standby.index}")
+
+
+def test_killed_postmaster_is_restarted(cluster: list[Node]) -> None:
+    primary, _, standby = cluster
+    pid = standby.postmaster_pid()
+    os.kill(pid, signal.SIGKILL)
+    seen_failing = wait_for(
+        lambda: standby.process_state("postgres") == "failing", 10, "postgres failing", interval=0.05
+    )
+    assert seen_failing
+    assert (standby.status() or {})["job_state"] == "failing"
+    wait_for(lambda: (standby.status() or {}).get("job_state") == "running", 60, "job running again")
+    assert standby.postmaster_pid() != pid
+    assert standby.process_state("postgres") == "running"
+    wait_for(lambda: "node-2" in streaming_standbys(primary), 30, "node-2 streaming again")
+
+
+def test_new_agent_on_the_same_disk_brings_the_node_back(cluster: list[Node]) -> None:
+    primary, standby, _ = cluster
+    with primary.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO notes (note) VALUES ('before the VM was recreated')")
+    wait_for(lambda: "before the VM was recreated" in read_rows(standby), 30, "row on node 1")
+
+    standby.stop_agent()
+    assert not standby.socket.exists()
+    # Recreated VM: new VM directory, same persistent disk and address.
+    standby.generation += 1
+    standby.start_agent()
+    started = time.monotonic()
+    try:
+        wait_for(lambda: (standby.status() or {}).get("job_state") == "running", 60, "recreated node running")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{agent_log_tail(standby)}") from None
+    assert time.monotonic() - started < 60
+    assert (standby.status() or {})["role"] == "standby"
+    assert "before the VM was recreated" in read_rows(standby)
+    with primary.connect() as conn:
+        conn.execute("INSERT INTO notes (note) VALUES ('after the VM was recreated')")
+    wait_for(lambda: "after the VM was recreated" in read_rows(standby), 30, "new row on recreated node")
+    wait_for(lambda: len(streaming_standbys(primary)) == 2, 30, "2 standbys again")
+
+
+def test_no_password_in_logs_or_command_lines(cluster: list[Node]) -> None:
+    base = cluster[0].base
+    for path in base.rglob("*"):
+        if path.is_file() and (path.suffix in (".log", ".out", ".conf") or path.parent.name == "log"):
+            text = path.read_text(errors="replace")
+            assert ADMIN_PASSWORD not in text, path
+            assert REPLICATION_PASSWORD not in text, path
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            assert ADMIN_PASSWORD not in cmdline
+            assert REPLICATION_PASSWORD not in cmdline
