@@ -88,7 +88,10 @@ def test_operator_configuration_applies(
         ("kind: Deployment\napiVersion: apps/v1\n", "holds no PostgresCluster"),
         (CLUSTER.replace("pgbosh.dev/v1alpha1", "pgbosh.dev/v9"), "apiVersion is 'pgbosh.dev/v9'"),
         (CLUSTER.replace("  name: orders\n", ""), "metadata.name is missing"),
-        (CLUSTER.replace("syncStandbys: 2", "syncStandbys: 5"), "syncStandbys must be smaller than instances"),
+        (
+            CLUSTER.replace("syncStandbys: 2", "syncStandbys: 5"),
+            "syncStandbys must be smaller than instances",
+        ),
         (CLUSTER.replace("vmType: medium", "vmType: medium\n  colour: blue"), "spec.colour: Extra inputs"),
         (CLUSTER.replace('max_connections: "300"', 'port: "6543"'), "pgbosh manages"),
         (CLUSTER + "---\n" + CLUSTER, "holds 2 PostgresCluster documents"),

@@ -25,8 +25,9 @@ def spec(**fields: Any) -> PostgresClusterSpec:
     return PostgresClusterSpec.model_validate(fields)
 
 
-def rendered(s: PostgresClusterSpec, config: BoshConfig | None = None, ns: str = "default",
-             name: str = "demo") -> dict[str, Any]:
+def rendered(
+    s: PostgresClusterSpec, config: BoshConfig | None = None, ns: str = "default", name: str = "demo"
+) -> dict[str, Any]:
     doc = yaml.safe_load(render_manifest(ns, name, s, config or BoshConfig()))
     assert isinstance(doc, dict)
     return doc
@@ -252,7 +253,9 @@ def test_manifests_equal_compares_meaning_not_bytes() -> None:
     assert reordered != text
     assert manifests_equal(text, reordered)
     assert not manifests_equal(text, render_manifest("default", "demo", spec(instances=5), BoshConfig()))
-    assert not manifests_equal(text, render_manifest("default", "demo", spec(storage={"size": "20Gi"}), BoshConfig()))
+    assert not manifests_equal(
+        text, render_manifest("default", "demo", spec(storage={"size": "20Gi"}), BoshConfig())
+    )
 
 
 CLOUD = CloudConfig(
