@@ -247,6 +247,7 @@ class Session:
             "LockDelay": int(self.lock_delay * 1e9),
             "Behavior": self.behavior,
             "TTL": format_duration(self.ttl) if self.ttl else "",
+            "Checks": list(self.node_checks),  # deprecated in Consul 1.7, still sent
             "NodeChecks": list(self.node_checks),
             "ServiceChecks": None,
             "CreateIndex": self.create_index,
