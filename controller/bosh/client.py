@@ -330,12 +330,19 @@ class DirectorClient:
         self, method: str, path: str, *, params: Mapping[str, str] | None = None, authenticated: bool = True
     ) -> Any:
         response = await self._send(method, path, params=params, idempotent=True, authenticated=authenticated)
+        return self._decode(response, method, path)
+
+    def _decode(self, response: httpx.Response, method: str, path: str) -> Any:
         try:
             return response.json()
         except ValueError:
-            raise DirectorError(
-                response.status_code, None, "the answer is not JSON", method, path, self._director
-            ) from None
+            raise self._unexpected(response, method, path, "the answer is not JSON") from None
+
+    def _unexpected(self, response: httpx.Response, method: str, path: str, what: str) -> DirectorError:
+        """A success status whose body is not what the Director API promises."""
+        return DirectorError(
+            response.status_code, None, f"unexpected answer: {what}", method, path, self._director
+        )
 
     def _task_id(self, response: httpx.Response, method: str, path: str) -> int:
         location = response.headers.get("location", "")
@@ -383,7 +390,8 @@ class DirectorClient:
         )
         if response.status_code == 404:
             return None
-        manifest = response.json().get("manifest")
+        body = self._decode(response, "GET", f"/deployments/{_seg(deployment)}")
+        manifest = body.get("manifest") if isinstance(body, dict) else None
         return str(manifest) if manifest is not None else None
 
     async def deployments(self) -> list[str]:
@@ -435,7 +443,12 @@ class DirectorClient:
         return self._task_id(response, "DELETE", path)
 
     async def task(self, task_id: int) -> Task:
-        return _task_from_json(await self._json("GET", f"/tasks/{int(task_id)}"))
+        path = f"/tasks/{int(task_id)}"
+        response = await self._send("GET", path, idempotent=True)
+        try:
+            return _task_from_json(self._decode(response, "GET", path))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._unexpected(response, "GET", path, f"not a task ({exc!r})") from None
 
     async def task_events(self, task_id: int, offset: int = 0) -> tuple[list[TaskEvent], int]:
         chunk, offset = await self.task_output(task_id, "event", offset)
@@ -481,7 +494,11 @@ class DirectorClient:
             params["state"] = ",".join(states)
         if limit is not None:
             params["limit"] = str(limit)
-        return [_task_from_json(t) for t in await self._json("GET", "/tasks", params=params)]
+        response = await self._send("GET", "/tasks", params=params, idempotent=True)
+        try:
+            return [_task_from_json(t) for t in self._decode(response, "GET", "/tasks")]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._unexpected(response, "GET", "/tasks", f"not a list of tasks ({exc!r})") from None
 
     async def wait_for_task(
         self,
@@ -521,10 +538,12 @@ class DirectorClient:
         response = await self._send("GET", path, params={"format": "full"}, idempotent=True)
         task_id = self._task_id(response, "GET", path)
         await self.wait_for_task(task_id, give_up_after=self.config.timeouts.instances_task)
-        result = await self._send(
-            "GET", f"/tasks/{task_id}/output", params={"type": "result"}, idempotent=True
-        )
-        return parse_instances(result.content)
+        output = f"/tasks/{task_id}/output"
+        result = await self._send("GET", output, params={"type": "result"}, idempotent=True)
+        try:
+            return parse_instances(result.content)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise self._unexpected(result, "GET", output, f"not instance lines ({exc!r})") from None
 
     async def set_resurrection(self, deployment: str, group: str, instance_id: str, *, paused: bool) -> None:
         path = f"/deployments/{_seg(deployment)}/jobs/{_seg(group)}/{_seg(instance_id)}/resurrection"

@@ -870,3 +870,47 @@ def test_config_repr_hides_the_secret() -> None:
     c = config()
     assert CLIENT_SECRET not in repr(c) and CLIENT_SECRET not in str(c.client_secret)
     assert c.client_secret is not None and c.client_secret.reveal() == CLIENT_SECRET
+
+
+# ---- answers that are not what the API promises --------------------------------------------
+
+
+async def test_a_task_answer_that_is_not_json_names_the_call(
+    client: DirectorClient, fake: FakeDirector
+) -> None:
+    fake.route("GET", "/tasks/3", httpx.Response(200, text="<html>proxy error</html>"))
+    with pytest.raises(DirectorError) as caught:
+        await client.task(3)
+    assert str(caught.value) == (
+        f"GET /tasks/3 at {DIRECTOR_URL} failed with HTTP 200 (unexpected answer: the answer is not JSON)"
+    )
+
+
+async def test_a_task_without_an_id_is_an_unexpected_answer(
+    client: DirectorClient, fake: FakeDirector
+) -> None:
+    fake.route("GET", "/tasks/3", {"state": "done"})
+    with pytest.raises(DirectorError, match="unexpected answer: not a task"):
+        await client.task(3)
+
+
+async def test_a_broken_instance_line_is_an_unexpected_answer(
+    client: DirectorClient, fake: FakeDirector
+) -> None:
+    fake.route("GET", "/deployments/d/instances", task_redirect(4))
+    fake.route("GET", "/tasks/4", task_body(4, "done"))
+
+    def output(request: httpx.Request) -> httpx.Response:
+        if request.url.params["type"] == "result":
+            return httpx.Response(200, content=b'{"job_name": "postgres", "id": "x"}\n{"job_na')
+        return httpx.Response(204)
+
+    fake.route("GET", "/tasks/4/output", output)
+    with pytest.raises(DirectorError, match=r"GET /tasks/4/output .*not instance lines"):
+        await client.instances("d")
+
+
+async def test_a_redirect_elsewhere_is_not_a_task(client: DirectorClient, fake: FakeDirector) -> None:
+    fake.route("POST", "/deployments", httpx.Response(302, headers={"Location": "/login"}))
+    with pytest.raises(DirectorError, match="expected a redirect to /tasks/<id>, got Location '/login'"):
+        await client.deploy("name: x\n", context_id="c")
