@@ -158,6 +158,15 @@ class KubeClient:
                 verify = ctx_ssl
         return cls(server, token=token, verify=verify)
 
+    @classmethod
+    def in_cluster(cls, *, service_account: str = "/var/run/secrets/kubernetes.io/serviceaccount") -> Self:
+        """A client for the API server of the cluster this process runs in (service-account token)."""
+        host = os.environ["KUBERNETES_SERVICE_HOST"]
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        token = (Path(service_account) / "token").read_text().strip()
+        host = f"[{host}]" if ":" in host else host
+        return cls(f"https://{host}:{port}", token=token, ca_file=Path(service_account) / "ca.crt")
+
     async def __aenter__(self) -> Self:
         return self
 

@@ -1,0 +1,281 @@
+"""The OSB v2.17 HTTP surface on aiohttp: auth, headers, routing, error bodies.
+
+``BrokerServer`` runs in-process (tests, ``pgbosh dev``) on any port, port 0
+picking a free one::
+
+    async with BrokerServer(broker, credentials, host="127.0.0.1", port=0) as server:
+        print(server.url)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from aiohttp import web
+
+from controller.broker.errors import BrokerError
+from controller.broker.service import Answer, Broker
+from controller.kube import KubeClient, KubeError
+
+log = logging.getLogger(__name__)
+
+API_VERSION_HEADER = "X-Broker-API-Version"
+REQUEST_IDENTITY_HEADER = "X-Broker-API-Request-Identity"
+ORIGINATING_IDENTITY_HEADER = "X-Broker-API-Originating-Identity"
+# The semantics implemented are v2.17's; older 2.x platforms send a subset of its fields.
+MIN_MINOR_VERSION = 13
+MAX_MINOR_VERSION = 17
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class BasicCredentials:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"BasicCredentials(username={self.username!r}, password=<hidden>)"
+
+    def matches(self, authorization: str | None) -> bool:
+        """Constant-time check of an ``Authorization: Basic ...`` header."""
+        if not authorization or not authorization.startswith("Basic "):
+            return False
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        user, sep, password = decoded.partition(b":")
+        # Both comparisons always run, so timing does not reveal which part was wrong.
+        user_ok = hmac.compare_digest(user, self.username.encode())
+        password_ok = hmac.compare_digest(password, self.password.encode())
+        return bool(sep) and user_ok and password_ok
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BasicCredentials:
+        """A YAML/JSON file ``{username: ..., password: ...}`` or one line ``user:password``."""
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict) and data.get("username") and data.get("password"):
+            return cls(str(data["username"]), str(data["password"]))
+        line = text.strip()
+        if ":" in line and "\n" not in line:
+            user, _, password = line.partition(":")
+            if user and password:
+                return cls(user, password)
+        raise ValueError(f"{path}: expected username and password (YAML keys, or one line user:password)")
+
+    @classmethod
+    async def from_secret(cls, kube: KubeClient, namespace: str, name: str) -> BasicCredentials:
+        data = await kube.get_secret(namespace, name)
+        if not data.get("username") or not data.get("password"):
+            raise ValueError(f"Secret {namespace}/{name} needs keys username and password")
+        return cls(data["username"], data["password"])
+
+
+def _error(status: int, error: str, description: str) -> web.Response:
+    return web.json_response({"error": error, "description": description}, status=status)
+
+
+def _originating_identity(header: str | None) -> str:
+    """``platform user`` from the header, for the log only (never trusted for auth)."""
+    if not header:
+        return "-"
+    platform, _, encoded = header.partition(" ")
+    try:
+        value = json.loads(base64.b64decode(encoded.strip() + "=" * (-len(encoded.strip()) % 4)))
+    except (ValueError, binascii.Error):
+        return f"{platform} <undecodable>"
+    if not isinstance(value, dict):
+        return platform
+    user = value.get("user_id") or value.get("username") or value.get("uid") or "?"
+    return f"{platform} {user}"
+
+
+def _version_supported(header: str | None) -> bool:
+    if not header:
+        return False
+    major, _, minor = header.strip().partition(".")
+    return major == "2" and minor.isdigit() and MIN_MINOR_VERSION <= int(minor) <= MAX_MINOR_VERSION
+
+
+def build_app(broker: Broker, credentials: BasicCredentials) -> web.Application:
+    @web.middleware
+    async def protocol(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        identity = request.headers.get(REQUEST_IDENTITY_HEADER)
+        response: web.StreamResponse
+        if not credentials.matches(request.headers.get("Authorization")):
+            response = _error(401, "Unauthorized", "missing or wrong broker credentials")
+            response.headers["WWW-Authenticate"] = 'Basic realm="pgbosh"'
+        elif not _version_supported(request.headers.get(API_VERSION_HEADER)):
+            response = _error(
+                412,
+                "PreconditionFailed",
+                f"{API_VERSION_HEADER} must be 2.{MIN_MINOR_VERSION} to 2.{MAX_MINOR_VERSION}"
+                f" (got {request.headers.get(API_VERSION_HEADER) or 'none'})",
+            )
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                response = _error(exc.status, exc.reason, exc.text or exc.reason)
+            except BrokerError as exc:
+                response = web.json_response(exc.document(), status=exc.status)
+            except KubeError as exc:
+                log.warning("kubernetes error on %s %s: %s", request.method, request.path, exc)
+                response = _error(
+                    502, "KubernetesUnavailable", f"the Kubernetes API answered {exc.status} {exc.reason}"
+                )
+            except Exception:
+                log.exception("internal error on %s %s", request.method, request.path)
+                response = _error(500, "InternalError", "the broker failed; see its log")
+        if identity:
+            response.headers[REQUEST_IDENTITY_HEADER] = identity
+        log.info(
+            "%s %s -> %s in %.1f ms (identity: %s, request: %s)",
+            request.method,
+            request.path,
+            response.status,
+            (time.perf_counter() - started) * 1000,
+            _originating_identity(request.headers.get(ORIGINATING_IDENTITY_HEADER)),
+            identity or "-",
+        )
+        return response
+
+    async def body_of(request: web.Request) -> Any:
+        if not request.can_read_body:
+            return {}
+        try:
+            return await request.json()
+        except ValueError:
+            raise BrokerError(400, "BadRequest", "the request body is not valid JSON") from None
+
+    def answer(result: Answer) -> web.Response:
+        status, body = result
+        return web.json_response(body, status=status)
+
+    def accepts_incomplete(request: web.Request) -> bool:
+        return request.query.get("accepts_incomplete", "").lower() == "true"
+
+    async def catalog(request: web.Request) -> web.Response:
+        return answer(broker.catalog())
+
+    async def provision(request: web.Request) -> web.Response:
+        body = await body_of(request)
+        return answer(await broker.provision(request.match_info["instance_id"], body, accepts_incomplete(request)))
+
+    async def update(request: web.Request) -> web.Response:
+        body = await body_of(request)
+        return answer(await broker.update(request.match_info["instance_id"], body, accepts_incomplete(request)))
+
+    async def deprovision(request: web.Request) -> web.Response:
+        return answer(
+            await broker.deprovision(
+                request.match_info["instance_id"],
+                request.query.get("service_id"),
+                request.query.get("plan_id"),
+                accepts_incomplete(request),
+            )
+        )
+
+    async def fetch_instance(request: web.Request) -> web.Response:
+        return answer(await broker.fetch_instance(request.match_info["instance_id"]))
+
+    async def last_operation(request: web.Request) -> web.Response:
+        status, body = await broker.last_operation(request.match_info["instance_id"], request.query.get("operation"))
+        response = web.json_response(body, status=status)
+        if body.get("state") == "in progress":
+            response.headers["Retry-After"] = str(broker.config.retry_after)
+        return response
+
+    async def bind(request: web.Request) -> web.Response:
+        body = await body_of(request)
+        return answer(await broker.bind(request.match_info["instance_id"], request.match_info["binding_id"], body))
+
+    async def fetch_binding(request: web.Request) -> web.Response:
+        return answer(await broker.fetch_binding(request.match_info["instance_id"], request.match_info["binding_id"]))
+
+    async def unbind(request: web.Request) -> web.Response:
+        return answer(
+            await broker.unbind(
+                request.match_info["instance_id"],
+                request.match_info["binding_id"],
+                request.query.get("service_id"),
+                request.query.get("plan_id"),
+            )
+        )
+
+    app = web.Application(middlewares=[protocol])
+    instance = "/v2/service_instances/{instance_id}"
+    binding = instance + "/service_bindings/{binding_id}"
+    app.router.add_get("/v2/catalog", catalog)
+    app.router.add_put(instance, provision)
+    app.router.add_patch(instance, update)
+    app.router.add_delete(instance, deprovision)
+    app.router.add_get(instance, fetch_instance)
+    app.router.add_get(instance + "/last_operation", last_operation)
+    app.router.add_put(binding, bind)
+    app.router.add_get(binding, fetch_binding)
+    app.router.add_delete(binding, unbind)
+    return app
+
+
+class BrokerServer:
+    """The broker's HTTP server, started and stopped in-process."""
+
+    def __init__(
+        self, broker: Broker, credentials: BasicCredentials, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.broker = broker
+        self.credentials = credentials
+        self.host = host
+        self._port = port
+        self.app = build_app(broker, credentials)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    @property
+    def port(self) -> int:
+        if self._site is not None and self._site._server is not None:
+            sockets = getattr(self._site._server, "sockets", None) or []
+            if sockets:
+                return int(sockets[0].getsockname()[1])
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self._port)
+        await self._site.start()
+        log.info("broker listening on %s", self.url)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._runner = None
+        self._site = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
