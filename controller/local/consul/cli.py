@@ -28,9 +28,7 @@ def register(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("PGBOSH_CONSUL_TOKEN"),
         help="ACL token required on HTTP calls (default: $PGBOSH_CONSUL_TOKEN)",
     )
-    serve.add_argument(
-        "--state-file", default=None, help="keep registrations, KV and sessions across restarts"
-    )
+    serve.add_argument("--state-file", default=None, help="keep registrations, KV and sessions across restarts")
     serve.add_argument(
         "--dns-only-passing",
         action="store_true",

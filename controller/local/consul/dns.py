@@ -232,9 +232,7 @@ class Resolver:
         except DNSFormatError:
             if len(data) < 2:
                 return None
-            return struct.pack(
-                "!HHHHHH", struct.unpack("!H", data[:2])[0], 0x8000 | RCODE_FORMERR, 0, 0, 0, 0
-            )
+            return struct.pack("!HHHHHH", struct.unpack("!H", data[:2])[0], 0x8000 | RCODE_FORMERR, 0, 0, 0, 0)
         opcode = (query.flags >> 11) & 0xF
         rd = query.flags & 0x0100
         flags = 0x8000 | 0x0400 | rd | (opcode << 11)

@@ -78,9 +78,7 @@ async def _body(request: web.Request, allow_empty: bool = False) -> dict[str, An
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConsulError(400, f"Request decode failed: {exc.msg if hasattr(exc, 'msg') else exc}") from None
     if not isinstance(data, dict):
-        raise ConsulError(
-            400, "Request decode failed: json: cannot unmarshal array into Go value of type object"
-        )
+        raise ConsulError(400, "Request decode failed: json: cannot unmarshal array into Go value of type object")
     return data
 
 
@@ -162,6 +160,12 @@ class ConsulHTTP:
             return _text(405, f"method {request.method} not allowed")
         except web.HTTPNotFound:
             return _text(404, "404 page not found\n")
+        except web.HTTPException:
+            raise
+        except Exception:
+            # like Consul: a 500 with a plain-text reason (the details go to the log)
+            log.exception("consul: %s %s failed", request.method, request.path)
+            return _text(500, "Internal server error")
 
     def _authorize(self, request: web.Request, body: dict[str, Any] | None) -> None:
         presented = _tokens(request, body)
@@ -262,9 +266,7 @@ class ConsulHTTP:
 
     async def agent_checks(self, request: web.Request) -> web.Response:
         local = self.store.node_name
-        return _json(
-            {c.id: c.to_json() for (node, _), c in sorted(self.store.checks.items()) if node == local}
-        )
+        return _json({c.id: c.to_json() for (node, _), c in sorted(self.store.checks.items()) if node == local})
 
     async def agent_service_register(self, request: web.Request) -> web.Response:
         body = await _body(request)
@@ -315,9 +317,7 @@ class ConsulHTTP:
     async def agent_check_deregister(self, request: web.Request) -> web.Response:
         cid = request.match_info["id"]
         if not self.store.remove_check(self.store.node_name, cid):
-            raise ConsulError(
-                404, f'Unknown check ID "{cid}". Ensure that the check ID is passed, not the check name.'
-            )
+            raise ConsulError(404, f'Unknown check ID "{cid}". Ensure that the check ID is passed, not the check name.')
         return _text(200, "")
 
     def _ttl_check(self, check_id: str) -> None:
@@ -345,9 +345,7 @@ class ConsulHTTP:
         if status not in (PASSING, WARNING, CRITICAL):
             raise ConsulError(400, f'Invalid check status: "{status}"')
         self._ttl_check(cid)
-        self.store.set_check_status(
-            self.store.node_name, cid, str(status), str(field_of(body, "Output") or "")
-        )
+        self.store.set_check_status(self.store.node_name, cid, str(status), str(field_of(body, "Output") or ""))
         return _text(200, "")
 
     # ----- catalog -----
@@ -422,9 +420,7 @@ class ConsulHTTP:
         node = self.store.nodes.get(name)
         if node is None:
             return _json(None, self.store.nodes_index)
-        services = {
-            s.id: s.to_json(self.store.datacenter) for (n, _), s in self.store.services.items() if n == name
-        }
+        services = {s.id: s.to_json(self.store.datacenter) for (n, _), s in self.store.services.items() if n == name}
         return _json({"Node": node.to_json(), "Services": services}, self.store.index)
 
     async def catalog_services(self, request: web.Request) -> web.Response:
@@ -497,20 +493,14 @@ class ConsulHTTP:
         self._dc(request)
         name = request.match_info["service"]
         await self._blocking(request, lambda: self.store.service_index.get(name, 1))
-        out = [
-            c.to_json()
-            for _, c in sorted(self.store.checks.items())
-            if c.service_id and c.service_name == name
-        ]
+        out = [c.to_json() for _, c in sorted(self.store.checks.items()) if c.service_id and c.service_name == name]
         return _json(out, self.store.service_index.get(name, 1))
 
     async def health_node(self, request: web.Request) -> web.Response:
         self._dc(request)
         name = request.match_info["node"]
         await self._blocking(request, lambda: self.store.index)
-        return _json(
-            [c.to_json() for _, c in sorted(self.store.checks.items()) if c.node == name], self.store.index
-        )
+        return _json([c.to_json() for _, c in sorted(self.store.checks.items()) if c.node == name], self.store.index)
 
     async def health_state(self, request: web.Request) -> web.Response:
         self._dc(request)

@@ -1,7 +1,10 @@
 """The catalog, health checks, KV store and sessions of the local Consul agent.
 
 Everything is in memory and driven by one asyncio loop; `Store.tick()` runs the
-timers (TTL checks, DeregisterCriticalServiceAfter, session TTLs). Field names
+timers (TTL checks, DeregisterCriticalServiceAfter, session TTLs). Deliberate
+differences from a real agent, for fast tests: DeregisterCriticalServiceAfter has
+no 1-minute floor and is reaped within a tick (not every 30 s), and the session TTL
+floor is configurable (Consul's is 10 s; the default here is the same). Field names
 and defaults follow Consul's own structs so the HTTP layer can return them as
 they are.
 """
@@ -386,8 +389,6 @@ class Store:
 
     def upsert_service(self, svc: Service) -> None:
         old = self.services.get((svc.node, svc.id))
-        if old is not None and old.name != svc.name:
-            self._touch_service(old.name, self.index + 1)
         if old is not None and _same_service(old, svc):
             return
         idx = self._bump()
@@ -477,9 +478,7 @@ class Store:
 
     def service_checks(self, svc: Service) -> list[Check]:
         return [
-            c
-            for c in self.checks.values()
-            if c.node == svc.node and (c.service_id == "" or c.service_id == svc.id)
+            c for c in self.checks.values() if c.node == svc.node and (c.service_id == "" or c.service_id == svc.id)
         ]
 
     def instances(self, name: str, tags: Iterable[str] = ()) -> list[Service]:
@@ -688,9 +687,7 @@ class Store:
                 {**vars(e), "value": None if e.value is None else base64.b64encode(e.value).decode("ascii")}
                 for e in self.kv.values()
             ],
-            "sessions": [
-                {k: v for k, v in vars(s).items() if k != "expires_at"} for s in self.sessions.values()
-            ],
+            "sessions": [{k: v for k, v in vars(s).items() if k != "expires_at"} for s in self.sessions.values()],
         }
 
     def restore(self, data: Mapping[str, Any]) -> None:
@@ -714,9 +711,7 @@ class Store:
         self.kv = {}
         for raw in data.get("kv", []):
             value = raw.get("value")
-            self.kv[raw["key"]] = KVEntry(
-                **{**raw, "value": None if value is None else base64.b64decode(value)}
-            )
+            self.kv[raw["key"]] = KVEntry(**{**raw, "value": None if value is None else base64.b64decode(value)})
         self.sessions = {}
         for raw in data.get("sessions", []):
             sess = Session(**raw)
@@ -765,9 +760,7 @@ def _same_check(a: Check, b: Check) -> bool:
     )
 
 
-def service_from_body(
-    node: str, body: Mapping[str, Any], id_key: str = "ID", name_key: str = "Name"
-) -> Service:
+def service_from_body(node: str, body: Mapping[str, Any], id_key: str = "ID", name_key: str = "Name") -> Service:
     name = field_of(body, name_key) or field_of(body, "Service")
     if not isinstance(name, str) or not name:
         raise ConsulError(400, "Missing service name")

@@ -10,6 +10,8 @@ NXDOMAIN for unknown names with the zone SOA in authority, as a real agent answe
 from __future__ import annotations
 
 import shutil
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -118,3 +120,22 @@ def test_critical_instances_leave_dns(server: ConsulServer) -> None:
 def test_node_lookup(server: ConsulServer) -> None:
     assert short(server, "plain-node.node.consul") == ["127.0.0.70"]
     assert "status: NXDOMAIN" in dig(server, "ghost.node.consul")
+
+
+def test_garbage_gets_formerr_and_server_keeps_answering(server: ConsulServer) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.sendto(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x3fbad", ("127.0.0.1", server.dns_port))
+        reply, _ = s.recvfrom(512)
+    qid, flags = struct.unpack("!HH", reply[:4])
+    assert qid == 0x1234 and flags & 0x8000 and flags & 0xF == 1  # QR, FORMERR
+    assert short(server, "master.pg-dns.service.consul") == ["127.0.0.61"]
+
+
+def test_large_answers_truncate_over_udp_and_complete_over_tcp(server: ConsulServer) -> None:
+    c = consul.Consul(port=server.http_port)
+    for n in range(1, 61):
+        c.catalog.register(f"big-{n}", f"127.0.9.{n}", service={"ID": "big", "Service": "big", "Port": 1})
+    udp = dig(server, "big.service.consul", "A", "+noedns", "+ignore")
+    assert "flags: qr aa tc" in udp
+    assert len(short(server, "big.service.consul", "A", "+tcp")) == 60
