@@ -405,6 +405,8 @@ class Broker:
             return 202, {"operation": op.id if op is not None and op.type == "deprovision" else "deprovision"}
         operation = Operation(self._operation("deprovision"), "deprovision")
         path = self._cluster_path(instance_id)
+        # Secrets first: if Kubernetes fails here, the platform retries with the cluster intact.
+        await self._delete_binding_secrets(instance_id)
         try:
             await self.kube.merge_patch(
                 path, {"metadata": {"annotations": {naming.ANNOTATION_OPERATION: operation.annotation()}}}
@@ -412,7 +414,6 @@ class Broker:
             await self.kube.delete(path)
         except NotFound:
             raise gone() from None
-        await self._delete_binding_secrets(instance_id)
         log.info("deprovisioning instance %s (%s/%s)", instance_id, self.namespace, naming.cluster_name(instance_id))
         return 202, {"operation": operation.id}
 

@@ -1,4 +1,5 @@
-"""A broker served on loopback, talking to kmock's Kubernetes emulator (also on loopback)."""
+"""A broker served on loopback, talking to the local Kubernetes API (kmock's emulator with
+the project's admission and bookkeeping, as `pgbosh dev` runs it) on loopback."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import kmock
 import pytest
 
 from controller.api.models import GROUP, PLURAL, VERSION
@@ -19,7 +19,7 @@ from controller.broker.roles import AdminTarget
 from controller.broker.server import BasicCredentials, BrokerServer
 from controller.broker.service import Broker
 from controller.kube import KubeClient, resource_path
-from controller.kube.emulator import KubeEmulator
+from controller.local.kube import LocalKubernetes, serve
 
 NAMESPACE = "pgbosh-instances"
 CREDENTIALS = BasicCredentials("broker", "broker-Secret-pw")
@@ -27,18 +27,6 @@ CONFIG = BrokerConfig.load()
 SERVICE = CONFIG.catalog.services[0]
 PLANS = {plan.name: plan for plan in SERVICE.plans}
 HEADERS = {"X-Broker-API-Version": "2.17"}
-
-
-def register_resources(k8s: kmock.KubernetesEmulator) -> None:
-    k8s.resources[f"{GROUP}/{VERSION}/{PLURAL}"] = kmock.ResourceInfo(
-        kind="PostgresCluster",
-        namespaced=True,
-        verbs={"list", "watch", "get", "patch", "create", "delete"},
-        subresources={"status"},
-    )
-    k8s.resources["v1/secrets"] = kmock.ResourceInfo(
-        kind="Secret", namespaced=True, verbs={"list", "watch", "get", "patch", "create", "delete"}
-    )
 
 
 @dataclass
@@ -59,7 +47,7 @@ class FakeRoles:
 
 @dataclass
 class World:
-    k8s: KubeEmulator
+    k8s: LocalKubernetes
     kube: KubeClient
     server: BrokerServer
     http: httpx.AsyncClient
@@ -68,6 +56,9 @@ class World:
 
     def cluster_path(self, instance_id: str, subresource: str | None = None) -> str:
         return resource_path(GROUP, VERSION, PLURAL, NAMESPACE, naming.cluster_name(instance_id), subresource)
+
+    async def clusters(self) -> list[dict[str, Any]]:
+        return await self.kube.list(resource_path(GROUP, VERSION, PLURAL))
 
     async def cluster(self, instance_id: str) -> dict[str, Any]:
         return await self.kube.get(self.cluster_path(instance_id))
@@ -117,10 +108,9 @@ def identity_header(user: str) -> str:
 
 
 @pytest.fixture
-async def emulator() -> AsyncIterator[tuple[KubeEmulator, str]]:
-    async with KubeEmulator() as k8s, kmock.Server(k8s, host="127.0.0.1") as server:
-        register_resources(k8s)
-        yield k8s, f"http://{server.host}:{server.port}"
+async def emulator() -> AsyncIterator[tuple[LocalKubernetes, str]]:
+    async with serve() as (k8s, url):
+        yield k8s, url
 
 
 @pytest.fixture
@@ -134,7 +124,7 @@ def config() -> BrokerConfig:
 
 
 @pytest.fixture
-async def world(emulator: tuple[KubeEmulator, str], roles: Any, config: BrokerConfig) -> AsyncIterator[World]:
+async def world(emulator: tuple[LocalKubernetes, str], roles: Any, config: BrokerConfig) -> AsyncIterator[World]:
     k8s, url = emulator
     async with KubeClient(url) as kube:
         async with BrokerServer(Broker(config, kube, roles), CREDENTIALS, host="127.0.0.1", port=0) as server:

@@ -351,8 +351,7 @@ async def test_odd_instance_ids_give_valid_names_and_labels(world: World) -> Non
         f"/v2/service_instances/{odd.replace('/', '%2F')}", params=ASYNC, json=world.provision_body()
     )
     assert response.status_code == 202, response.text
-    objs = [obj for key, obj in world.k8s.objects.items() if not obj.deleted]
-    (obj,) = objs
+    (obj,) = await world.clusters()
     name = obj["metadata"]["name"]
     assert len(name) <= 40 and name.startswith("pg-instance-with-odd")
     label = obj["metadata"]["labels"][naming.LABEL_INSTANCE]

@@ -48,9 +48,7 @@ def test_paths() -> None:
         resource_path("", "v1", "pods", "ns", subresource="log")
 
 
-async def test_create_get_patch_list_delete(
-    kube: KubeClient, emulator: tuple[kmock.KubernetesEmulator, str]
-) -> None:
+async def test_create_get_patch_list_delete(kube: KubeClient, emulator: tuple[kmock.KubernetesEmulator, str]) -> None:
     collection = resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "db")
     path = resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "db", "one")
     created = await kube.create(
