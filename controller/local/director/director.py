@@ -48,6 +48,9 @@ DEFAULT_POLL_INTERVAL = 0.5  # supervision loop period
 AGENT_BOOT_TIMEOUT = 60.0  # a new agent must answer GET /status within this
 AGENT_SHUTDOWN_TIMEOUT = 60.0  # POST /shutdown (drain) may take this long
 DEFAULT_RUN_AS = "postgres"
+# Unix socket paths are limited to 107 bytes; the longest one under a VM is
+# <vm_root>/vms/vm-<uuid>/run/.s.PGSQL.<port>, so <vm_root> must stay short.
+MAX_VM_ROOT_LEN = 107 - len("/vms/vm-00000000-0000-0000-0000-000000000000/run/.s.PGSQL.65535")
 _ADDRESS_FIRST_HOST = 10
 _ADDRESS_HOSTS = 240
 
@@ -100,16 +103,17 @@ def _traversable(path: Path, user: pwd.struct_passwd) -> bool:
 def choose_vm_root(state_dir: Path, run_as: str) -> Path:
     """`<state>/vms-and-disks` when the database user can reach it, else /var/lib/pgbosh/<name>."""
     candidate = state_dir.resolve() / "vms-and-disks"
+    tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    fallback = Path("/var/lib/pgbosh") / f"{state_dir.resolve().name[:16]}-{tag}"
+    if len(str(candidate)) > MAX_VM_ROOT_LEN:
+        return fallback
     if os.geteuid() != 0:
         return candidate
     try:
         user = pwd.getpwnam(run_as)
     except KeyError:
         return candidate
-    if _traversable(candidate.parent, user):
-        return candidate
-    tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
-    return Path("/var/lib/pgbosh") / f"{state_dir.resolve().name}-{tag}"
+    return candidate if _traversable(candidate.parent, user) else fallback
 
 
 @dataclass
@@ -172,6 +176,9 @@ class Engine:
         else:
             self.vm_root = (self._vm_root_arg or choose_vm_root(self.state_dir, self.run_as)).resolve()
             self.state.vm_root = str(self.vm_root)
+        if len(str(self.vm_root)) > MAX_VM_ROOT_LEN:
+            raise ValueError(f"vm root {self.vm_root} is longer than {MAX_VM_ROOT_LEN} characters: the unix "
+                             "sockets of its VMs would not fit in 107 bytes; choose a shorter --vm-root")
         if self._vm_root_arg and self._vm_root_arg.resolve() != self.vm_root:
             log.warning("keeping vm root %s from the state dir (asked for %s)", self.vm_root, self._vm_root_arg)
         for sub in (self.vm_root, self.vm_root / "vms", self.vm_root / "disks"):

@@ -7,9 +7,11 @@ import contextlib
 import os
 import shutil
 import signal
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 
 from controller.local.director import LocalDirector
@@ -45,9 +47,17 @@ async def running_director(state_dir: Path, **kw: object) -> AsyncIterator[tuple
         await kill_everything(director)
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory: VM socket paths must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pgbd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def fake_world(tmp_path_factory: object) -> AsyncIterator[tuple[LocalDirector, Client]]:
-    base: Path = tmp_path_factory.mktemp("director")  # type: ignore[attr-defined]
+async def fake_world() -> AsyncIterator[tuple[LocalDirector, Client]]:
+    base = Path(tempfile.mkdtemp(prefix="pgbd-", dir="/tmp"))
     async with running_director(base / "state", vm_root=base / "vms", agent_command=FAKE_AGENT,
                                 resurrection_delay=0.5, agent_timeout=1.0, poll_interval=0.2) as world:
         yield world
