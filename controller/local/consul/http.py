@@ -152,8 +152,13 @@ class ConsulHTTP:
             routed = request.match_info.http_exception is None
             exempt = request.path.startswith("/v1/status/") or request.path == "/v1/catalog/register"
             if self.token and routed and not exempt:
-                self._authorize(request, None)
-            return await handler(request)
+                filtered = self._authorize(request, None)
+                if filtered is not None:
+                    return filtered
+            response = await handler(request)
+            if self.token:
+                response.headers["X-Consul-Default-ACL-Policy"] = "deny"
+            return response
         except ConsulError as exc:
             return _text(exc.status, exc.message)
         except web.HTTPMethodNotAllowed:
@@ -167,16 +172,32 @@ class ConsulHTTP:
             log.exception("consul: %s %s failed", request.method, request.path)
             return _text(500, "Internal server error")
 
-    def _authorize(self, request: web.Request, body: dict[str, Any] | None) -> None:
+    def _authorize(self, request: web.Request, body: dict[str, Any] | None) -> web.Response | None:
+        """None when the token may go on; a filtered empty answer for anonymous list reads.
+
+        With default-deny ACLs Consul answers an unknown secret with 403 "ACL not found",
+        filters list reads for the anonymous token down to nothing (200, with
+        X-Consul-Results-Filtered-By-ACLs), and refuses everything else with 403
+        "Permission denied: token with AccessorID '...0002' lacks permission '<rule>' on <name>".
+        """
         presented = _tokens(request, body)
-        if not presented:
-            raise ConsulError(
-                403,
-                f"Permission denied: token with AccessorID '{ANONYMOUS_ACCESSOR}' lacks permission "
-                f"to {request.method} {request.path}",
-            )
-        if not any(hmac.compare_digest(t.encode(), self.token.encode()) for t in presented):
+        if any(hmac.compare_digest(t.encode(), self.token.encode()) for t in presented):
+            return None
+        if presented:
             raise ConsulError(403, "ACL not found")
+        if request.method == "GET":
+            empty = _FILTERED_READS.get(_route_name(request))
+            if empty is not None:
+                response = _json(empty(), max(self.store.index, 1))
+                response.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+                response.headers["X-Consul-Default-ACL-Policy"] = "deny"
+                return response
+        rule, resource = _required_permission(request, body, self.store.node_name)
+        raise ConsulError(
+            403,
+            f"Permission denied: token with AccessorID '{ANONYMOUS_ACCESSOR}' lacks permission "
+            f"'{rule}' on \"{resource}\"",
+        )
 
     async def _blocking(self, request: web.Request, current: Callable[[], int]) -> None:
         if "index" not in request.query:
@@ -615,3 +636,41 @@ class ConsulHTTP:
         await self._blocking(request, lambda: self.store.sessions_index)
         out = [s.to_json() for s in self.store.sessions.values() if s.node == node]
         return _json(out, self.store.sessions_index)
+
+
+# GET routes whose results Consul filters (rather than refuses) for a token without rights
+_FILTERED_READS: dict[str, Callable[[], Any]] = {
+    "/v1/agent/services": dict,
+    "/v1/agent/checks": dict,
+    "/v1/catalog/nodes": list,
+    "/v1/catalog/services": dict,
+    "/v1/catalog/service/{service}": list,
+    "/v1/health/service/{service}": list,
+    "/v1/health/checks/{service}": list,
+    "/v1/health/node/{node}": list,
+    "/v1/health/state/{state}": list,
+    "/v1/session/list": list,
+    "/v1/session/node/{node}": list,
+}
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else request.path
+
+
+def _required_permission(request: web.Request, body: dict[str, Any] | None, agent: str) -> tuple[str, str]:
+    """The ACL rule Consul would name in its refusal, and the resource it applies to."""
+    path, write = request.path, request.method != "GET"
+    if path.startswith("/v1/kv/"):
+        return ("key:write" if write else "key:read"), path[len("/v1/kv/") :]
+    if path.startswith("/v1/session/"):
+        return ("session:write" if write else "session:read"), agent
+    if path.startswith("/v1/agent/service/"):
+        return "service:write", request.match_info.get("id", "")
+    if path.startswith("/v1/agent/check/"):
+        return "node:write", agent
+    if path.startswith("/v1/catalog/"):
+        node = str(field_of(body, "Node") or "") if body else ""
+        return ("node:write" if write else "node:read"), node or agent
+    return "agent:read", agent

@@ -235,26 +235,45 @@ def test_errors_look_like_consul(server: ConsulServer) -> None:
 
 
 def test_acl_token_enforced() -> None:
+    """Default-deny ACLs as Consul applies them (api-docs/api-structure#authentication, acl docs)."""
     with serve_in_thread(http_port=0, dns_port=0, token=TOKEN) as server:
         base = server.http_addr
         # status endpoints need no ACL (api-docs/status)
         assert httpx.get(f"{base}/v1/status/leader").status_code == 200
-        anon = httpx.get(f"{base}/v1/agent/services")
-        assert anon.status_code == 403
-        assert anon.text.startswith("Permission denied")
+        # an unknown secret is refused everywhere
         wrong = httpx.get(f"{base}/v1/agent/services", headers={"X-Consul-Token": "nope"})
         assert (wrong.status_code, wrong.text) == (403, "ACL not found")
-        assert httpx.get(f"{base}/v1/agent/services", headers={"X-Consul-Token": TOKEN}).status_code == 200
-        assert httpx.get(f"{base}/v1/agent/services", params={"token": TOKEN}).status_code == 200
+        # the anonymous token: writes and single reads refused, list reads filtered to nothing
+        anon_put = httpx.put(f"{base}/v1/kv/k", content=b"v")
+        assert anon_put.status_code == 403
+        assert anon_put.text == (
+            "Permission denied: token with AccessorID '00000000-0000-0000-0000-000000000002' "
+            "lacks permission 'key:write' on \"k\""
+        )
+        assert httpx.get(f"{base}/v1/agent/self").status_code == 403
+        good = consul.Consul(port=server.http_port, token=TOKEN)
+        assert good.catalog.register("n1", "127.0.0.40", service={"Service": "s1"})
+        anon_list = httpx.get(f"{base}/v1/health/service/s1")
+        assert (anon_list.status_code, anon_list.json()) == (200, [])
+        assert anon_list.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
+        assert httpx.get(f"{base}/v1/agent/services").json() == {}
+        # the right token, as header or ?token=
+        assert len(httpx.get(f"{base}/v1/health/service/s1", headers={"X-Consul-Token": TOKEN}).json()) == 1
+        assert len(httpx.get(f"{base}/v1/health/service/s1", params={"token": TOKEN}).json()) == 1
         # py-consul raises ACLPermissionDenied on 403 (consul/callback.py CB._status)
         with pytest.raises(consul.ACLPermissionDenied):
             consul.Consul(port=server.http_port, token="nope").kv.put("k", "v")
-        good = consul.Consul(port=server.http_port, token=TOKEN)
+        with pytest.raises(consul.ACLPermissionDenied):
+            consul.Consul(port=server.http_port).kv.put("k", "v")
         assert good.kv.put("k", "v") is True
-        # catalog register carries the token in the body's WriteRequest too (py-consul catalog.py)
-        assert good.catalog.register("n1", "127.0.0.40", service={"Service": "s1"})
-        r = httpx.put(f"{base}/v1/catalog/register", json={"Node": "n2", "Address": "127.0.0.41"})
-        assert r.status_code == 403
+        # catalog register may carry the token in the body's WriteRequest (py-consul catalog.py)
+        r = httpx.put(
+            f"{base}/v1/catalog/register",
+            json={"Node": "n2", "Address": "127.0.0.41", "WriteRequest": {"Token": TOKEN}},
+        )
+        assert r.status_code == 200
+        r = httpx.put(f"{base}/v1/catalog/register", json={"Node": "n3", "Address": "127.0.0.42"})
+        assert r.status_code == 403 and "'node:write' on \"n3\"" in r.text
         # unknown routes stay 404 whatever the token
         assert httpx.get(f"{base}/v1/nope").status_code == 404
 
