@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import re
 import ssl
 import time
@@ -128,10 +129,12 @@ class DirectorClient:
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Sleep = asyncio.sleep,
         clock: Clock = time.monotonic,
+        draw: Callable[[], float] = random.random,
     ) -> None:
         self.config = config or BoshConfig()
         self._sleep = sleep
         self._clock = clock
+        self._draw = draw
         t = self.config.timeouts
         self._http = httpx.AsyncClient(
             base_url=self.config.director_url.rstrip("/"),
@@ -182,8 +185,12 @@ class DirectorClient:
     def _has_credentials(self) -> bool:
         return bool(self.config.client_id) and bool(self.config.client_secret)
 
-    async def _authorization(self, *, renew: bool = False) -> str | None:
-        """The Authorization header value for the Director, or None (no auth configured)."""
+    async def _authorization(self, *, refused: str | None = None) -> str | None:
+        """The Authorization header value for the Director, or None (no auth configured).
+
+        `refused` is a header the Director answered 401 to: that token is replaced, once,
+        however many calls saw the 401 at the same time.
+        """
         if not self._has_credentials():
             return None
         info = await self.info()
@@ -194,6 +201,7 @@ class DirectorClient:
         async with self._auth_lock:
             token = self._token
             margin = self.config.token_refresh_margin
+            renew = token is not None and refused == f"{token.type} {token.value}"
             if renew or token is None or self._clock() >= token.expires_at - margin:
                 self._token = token = await self._fetch_token(info)
                 self._issued_tokens = [*self._issued_tokens[-4:], token.value]
@@ -274,6 +282,7 @@ class DirectorClient:
         while True:
             attempt += 1
             request_headers = dict(headers or {})
+            authorization = None
             if authenticated:
                 authorization = await self._authorization()
                 if authorization:
@@ -284,7 +293,7 @@ class DirectorClient:
                 )
             except httpx.TransportError as exc:
                 if attempt < attempts:
-                    await self._sleep(self.config.retry.delay(attempt))
+                    await self._sleep(self.config.retry.delay(attempt, self._draw()))
                     continue
                 raise DirectorUnavailable(
                     method,
@@ -301,10 +310,10 @@ class DirectorClient:
                 # The token may have been revoked or the clock skewed: one fresh token, once.
                 renewed = True
                 attempt -= 1
-                await self._authorization(renew=True)
+                await self._authorization(refused=authorization)
                 continue
             if status >= 500 and attempt < attempts:
-                await self._sleep(self.config.retry.delay(attempt))
+                await self._sleep(self.config.retry.delay(attempt, self._draw()))
                 continue
             raise self._error(response, method, path)
 

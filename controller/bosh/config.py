@@ -61,17 +61,21 @@ class DirectorTimeouts:
 class RetryPolicy:
     """Retries of idempotent calls after 5xx answers and connection errors.
 
-    The wait before retry n (1-based) is ``min(max_delay, base_delay * 2 ** (n - 1))``.
-    Calls that start work (POST /deployments, DELETE, job state changes) are never
-    retried: a second attempt could start a second task.
+    The wait before retry n (1-based) is ``min(max_delay, base_delay * 2 ** (n - 1))``,
+    shortened by up to ``jitter`` of itself so that many clusters whose calls failed
+    together do not retry together. Calls that start work (POST /deployments, DELETE,
+    job state changes) are never retried: a second attempt could start a second task.
     """
 
     attempts: int = 4  # total tries, the first one included
     base_delay: float = 0.5
     max_delay: float = 8.0
+    jitter: float = 0.25  # fraction of the delay, 0 for exact delays
 
-    def delay(self, retry: int) -> float:
-        return float(min(self.max_delay, self.base_delay * 2 ** (retry - 1)))
+    def delay(self, retry: int, draw: float = 0.0) -> float:
+        """`draw` is a random number in [0, 1); 0 gives the full (capped) delay."""
+        full = min(self.max_delay, self.base_delay * 2 ** (retry - 1))
+        return float(full * (1.0 - self.jitter * draw))
 
 
 @dataclass(frozen=True)

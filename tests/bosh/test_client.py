@@ -5,6 +5,7 @@ Fixture shapes cite their sources in tests/bosh/fake_director.py and next to eac
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import ssl
@@ -61,6 +62,10 @@ class Sleeps:
         self.clock.now += seconds
 
 
+def no_jitter() -> float:
+    return 0.0
+
+
 def config(**changes: Any) -> BoshConfig:
     base = BoshConfig(director_url=DIRECTOR_URL, client_id=CLIENT_ID, client_secret=Secret(CLIENT_SECRET))
     return base.with_changes(**changes) if changes else base
@@ -83,7 +88,9 @@ def sleeps(clock: Clock) -> Sleeps:
 
 @pytest.fixture
 async def client(fake: FakeDirector, clock: Clock, sleeps: Sleeps) -> AsyncIterator[DirectorClient]:
-    async with DirectorClient(config(), transport=fake.transport(), sleep=sleeps, clock=clock) as c:
+    async with DirectorClient(
+        config(), transport=fake.transport(), sleep=sleeps, clock=clock, draw=no_jitter
+    ) as c:
         yield c
 
 
@@ -155,6 +162,16 @@ async def test_a_401_gets_one_fresh_token_and_one_retry(client: DirectorClient, 
     assert len(fake.tokens) == 2
     statuses = [r.headers["authorization"] for r in fake.to("GET", "/deployments")]
     assert statuses == [f"bearer {fake.tokens[0]}", f"bearer {fake.tokens[0]}", f"bearer {fake.tokens[1]}"]
+
+
+async def test_calls_refused_together_share_one_fresh_token(
+    client: DirectorClient, fake: FakeDirector
+) -> None:
+    fake.route("GET", "/deployments", [])
+    await client.deployments()
+    fake.revoked.add(fake.tokens[0])
+    await asyncio.gather(*(client.deployments() for _ in range(5)))
+    assert len(fake.tokens) == 2
 
 
 async def test_a_second_401_is_an_error_not_a_loop(client: DirectorClient, fake: FakeDirector) -> None:
@@ -755,12 +772,26 @@ async def test_backoff_is_capped(fake: FakeDirector, clock: Clock, sleeps: Sleep
     fake.route("GET", "/deployments", httpx.Response(503))
     policy = RetryPolicy(attempts=7, base_delay=1.0, max_delay=4.0)
     async with DirectorClient(
-        config(retry=policy), transport=fake.transport(), sleep=sleeps, clock=clock
+        config(retry=policy), transport=fake.transport(), sleep=sleeps, clock=clock, draw=no_jitter
     ) as client:
         with pytest.raises(DirectorError):
             await client.deployments()
     assert sleeps.waits == [1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
     assert len(fake.to("GET", "/deployments")) == 7
+
+
+async def test_backoff_is_jittered_below_the_full_delay(
+    fake: FakeDirector, clock: Clock, sleeps: Sleeps
+) -> None:
+    fake.route("GET", "/deployments", httpx.Response(503))
+    draws = iter([0.0, 0.5, 0.999])
+    policy = RetryPolicy(attempts=4, base_delay=1.0, max_delay=8.0, jitter=0.25)
+    async with DirectorClient(
+        config(retry=policy), transport=fake.transport(), sleep=sleeps, clock=clock, draw=lambda: next(draws)
+    ) as client:
+        with pytest.raises(DirectorError):
+            await client.deployments()
+    assert sleeps.waits == pytest.approx([1.0, 2.0 * 0.875, 4.0 * (1 - 0.25 * 0.999)])
 
 
 async def test_a_transient_5xx_recovers(client: DirectorClient, fake: FakeDirector) -> None:

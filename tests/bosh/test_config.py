@@ -51,5 +51,7 @@ def test_from_env_secret_variable_and_empty_env() -> None:
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
-    policy = RetryPolicy(attempts=6, base_delay=0.5, max_delay=3)
+    policy = RetryPolicy(attempts=6, base_delay=0.5, max_delay=3, jitter=0.5)
     assert [policy.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert policy.delay(4, draw=0.5) == 3.0 * 0.75
+    assert RetryPolicy(jitter=0).delay(2, draw=0.9) == 1.0
