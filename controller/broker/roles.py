@@ -92,6 +92,8 @@ class PsycopgRoleManager:
                 dbname=target.database,
                 connect_timeout=CONNECT_TIMEOUT_SECONDS,
                 application_name="pgbosh-broker",
+                # Explicit transaction blocks only: each one commits at its end.
+                autocommit=True,
             )
         except psycopg.Error as exc:
             raise DatabaseUnavailable(
