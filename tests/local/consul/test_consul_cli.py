@@ -73,7 +73,7 @@ def test_serve_restart_keeps_registrations(tmp_path: Path) -> None:
             service={"ID": "pg-cli-master", "Service": "pg-cli", "Tags": ["master"], "Port": 5432},
         )
         with pytest.raises(consul.ACLPermissionDenied):
-            consul.Consul(port=http).agent.services()
+            consul.Consul(port=http).kv.put("k", "v")  # anonymous write: 403
         dig = subprocess.run(
             ["dig", "@127.0.0.1", "-p", str(dns), "master.pg-cli.service.consul", "+short"],
             capture_output=True,
