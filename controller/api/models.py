@@ -379,6 +379,10 @@ class PostgresClusterStatus(_Model):
     endpoint: Endpoint | None = None
     credentials_secret: Annotated[str | None, Field(default=None, alias="credentialsSecret")]
     last_deployed_generation: Annotated[int | None, Field(default=None, alias="lastDeployedGeneration")]
+    failed_attempt: Annotated[
+        str | None,
+        Field(default=None, alias="failedAttempt", description="The manifest that failed to deploy; not retried as is."),
+    ]
 
 
 def now_rfc3339() -> str:

@@ -164,8 +164,12 @@ class LocalKubernetes(kmock.KubernetesEmulator):
         return self._stamp(data)
 
     def _prepare_update(self, request: rendering.Request, current: dict[str, Any]) -> dict[str, Any]:
-        patch: dict[str, Any] = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
         is_pgc = request.resource == kmock.resource(PGC_RESOURCE)
+        if isinstance(request.data, list):  # application/json-patch+json (kopf uses it for finalizers)
+            target = _apply_json_patch(current, request.data)
+            patch = _merge_diff(current, target)
+        else:
+            patch = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
         if request.method == enums.method.PUT:
             # A replace: the body is the whole object; express it as a patch of the current one.
             patch = {k: patch.get(k) for k in set(current) | set(patch)}
@@ -189,14 +193,23 @@ class LocalKubernetes(kmock.KubernetesEmulator):
         result = _merge_patch(current, patch)
         if result.get("spec") != current.get("spec"):
             result["metadata"]["generation"] = int(current["metadata"].get("generation", 1)) + 1
-        if is_pgc and request.subresource != "status":
-            result = self._admit(result, current)
+        if is_pgc:
+            # The main resource is admitted without its status (which it cannot change), the
+            # status subresource with it, as the API server does.
+            status = result.pop("status", None)
+            old = {k: v for k, v in current.items() if k != "status"}
+            if request.subresource == "status":
+                self._admit({**result, "status": status} if status is not None else result, None, transitions=False)
+            else:
+                result = self._admit(result, old)
+            if status is not None:
+                result["status"] = status
         return self._stamp(result)
 
     @staticmethod
-    def _admit(obj: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    def _admit(obj: dict[str, Any], old: dict[str, Any] | None, transitions: bool = True) -> dict[str, Any]:
         try:
-            return admit(obj, old)
+            return admit(obj, old if transitions else None)
         except Invalid as exc:
             raise k8s.KubernetesError(
                 status=422,
@@ -357,6 +370,44 @@ class LocalKubernetes(kmock.KubernetesEmulator):
             "columnDefinitions": columns,
             "rows": rows,
         }
+
+
+def _pointer(path: str) -> list[str]:
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")] if path else []
+
+
+def _apply_json_patch(document: dict[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 JSON patch: add, remove, replace and test (what Kubernetes clients send)."""
+    doc = copy.deepcopy(document)
+    for op in operations:
+        parts = _pointer(str(op.get("path", "")))
+        parent: Any = doc
+        for part in parts[:-1]:
+            parent = parent[int(part)] if isinstance(parent, list) else parent.setdefault(part, {})
+        last = parts[-1] if parts else ""
+        kind = op.get("op")
+        if kind == "test":
+            actual = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+            if actual != op.get("value"):
+                raise k8s.KubernetesError(status=422, reason="Invalid", message=f"the test of {op['path']} failed")
+        elif kind in ("add", "replace"):
+            if isinstance(parent, list):
+                if last == "-":
+                    parent.append(op["value"])
+                elif kind == "add":
+                    parent.insert(int(last), op["value"])
+                else:
+                    parent[int(last)] = op["value"]
+            else:
+                parent[last] = op["value"]
+        elif kind == "remove":
+            if isinstance(parent, list):
+                parent.pop(int(last))
+            else:
+                parent.pop(last, None)
+        else:
+            raise k8s.KubernetesError(status=422, reason="Invalid", message=f"unsupported JSON patch op {kind!r}")
+    return doc
 
 
 def _replace_data(request: rendering.Request, data: Any) -> None:

@@ -1,0 +1,284 @@
+"""One reconcile step of one PostgresCluster: gather, plan, act, record.
+
+The handlers call :func:`reconcile_once`; it reads the resource fresh, asks the
+Director (and later Consul and the nodes) what the world looks like, hands both
+to the pure planner, executes the actions it returns, and writes the status.
+A BOSH task is recorded in the status the moment it starts, before anything
+waits on it, so an operator restarted at any point picks the task up again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from controller.api import models
+from controller.api.models import PostgresClusterSpec, PostgresClusterStatus
+from controller.bosh.client import BoshError
+from controller.bosh.config import BoshConfig
+from controller.bosh.manifest import (
+    check_against_cloud_config,
+    consul_service_name,
+    deployment_name,
+    interpolate,
+    manifests_equal,
+    render_manifest,
+)
+from controller.bosh.types import CloudConfig, Director, Task
+from controller.kube.client import KubeClient, NotFound, core_path, resource_path
+from controller.reconcile import planner
+from controller.reconcile.planner import DeleteDeployment, Deploy, Observed, Plan, SetResurrection
+
+log = logging.getLogger(__name__)
+
+CREDENTIALS_SUFFIX = "-pgbosh-credentials"
+EventSink = Callable[[dict[str, Any], str, str, str], None]
+
+
+@dataclass
+class ClusterMemory:
+    """What the operator keeps between steps of one cluster, all of it re-derivable."""
+
+    director_failures: int = 0
+    event_offset: dict[int, int] = field(default_factory=dict)
+    last_progress: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Runtime:
+    kube: KubeClient
+    director: Director
+    bosh: BoshConfig
+    post_event: EventSink
+    resync_seconds: float = 60.0
+    cloud_config_ttl: float = 30.0
+    memory: dict[str, ClusterMemory] = field(default_factory=dict)
+    _cloud: tuple[float, CloudConfig] | None = None
+
+    async def cloud_config(self) -> CloudConfig:
+        # Every cluster checks its spec against the cloud config; one fetch serves them all for a while.
+        now = time.monotonic()
+        if self._cloud is None or now - self._cloud[0] > self.cloud_config_ttl:
+            self._cloud = (now, await self.director.cloud_config())
+        return self._cloud[1]
+
+
+def cluster_path(namespace: str, name: str, subresource: str | None = None) -> str:
+    return resource_path(models.GROUP, models.VERSION, models.PLURAL, namespace, name, subresource)
+
+
+def context_id(uid: str) -> str:
+    """Ties every BOSH task pgbosh starts to its PostgresCluster (X-Bosh-Context-Id)."""
+    return f"pgbosh-{uid}"
+
+
+def status_patch(status: PostgresClusterStatus) -> dict[str, Any]:
+    # A top-level None removes the field in a merge patch, so fields the planner cleared
+    # disappear; inside objects and lists, unset fields are left out.
+    full = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    for name, info in PostgresClusterStatus.model_fields.items():
+        full.setdefault(info.alias or name, None)
+    return {"status": full}
+
+
+async def ensure_credentials(
+    rt: Runtime, namespace: str, name: str, owner: dict[str, Any]
+) -> tuple[str, dict[str, str]]:
+    """The Secret holding the cluster's admin login; generated once, never rotated silently."""
+    secret_name = f"{name}{CREDENTIALS_SUFFIX}"
+    try:
+        return secret_name, await rt.kube.get_secret(namespace, secret_name)
+    except NotFound:
+        pass
+    data = {"username": rt.bosh.admin_user, "password": secrets.token_urlsafe(24)}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": secret_name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "pgbosh", "pgbosh.dev/cluster": name},
+            "ownerReferences": [
+                {
+                    "apiVersion": models.API_VERSION,
+                    "kind": models.KIND,
+                    "name": name,
+                    "uid": owner["metadata"]["uid"],
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "stringData": data,
+    }
+    await rt.kube.create(core_path("secrets", namespace), body)
+    return secret_name, data
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+async def _task_with_progress(rt: Runtime, mem: ClusterMemory, task_id: int) -> tuple[Task, str | None]:
+    task = await rt.director.task(task_id)
+    offset = mem.event_offset.get(task_id, 0)
+    try:
+        events, offset = await rt.director.task_events(task_id, offset)
+    except BoshError:
+        events = []
+    mem.event_offset[task_id] = offset
+    if events:
+        mem.last_progress[task_id] = events[-1].summary
+    return task, mem.last_progress.get(task_id)
+
+
+async def gather(
+    rt: Runtime, body: dict[str, Any], spec: PostgresClusterSpec, status: PostgresClusterStatus, deleting: bool
+) -> tuple[Observed, str]:
+    """Ask the world; returns the observation and the interpolated manifest to deploy."""
+    meta = body["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    mem = rt.memory.setdefault(uid, ClusterMemory())
+    deployment = deployment_name(namespace, name, rt.bosh)
+    service = consul_service_name(namespace, name, rt.bosh)
+    annotations = meta.get("annotations") or {}
+    base: dict[str, Any] = {
+        "generation": int(meta.get("generation") or 1),
+        "deployment": deployment,
+        "status": status,
+        "deleting": deleting,
+        "endpoint_host": f"master.{service}.service.consul",
+        "redeploy_token": str(annotations.get(planner.REDEPLOY_ANNOTATION, "")),
+    }
+    manifest = ""
+    try:
+        task: Task | None = None
+        progress: str | None = None
+        recorded = status.bosh_task
+        if recorded is not None:
+            if recorded.state in ("queued", "processing", "cancelling"):
+                task, progress = await _task_with_progress(rt, mem, recorded.id)
+            else:
+                task = Task(id=recorded.id, state=recorded.state, description=recorded.description)
+        deployed_text = await rt.director.deployed_manifest(deployment)
+        if deleting:
+            mem.director_failures = 0
+            return Observed(**base, task=task, task_progress=progress, deployed=deployed_text is not None), manifest
+        cloud = await rt.cloud_config()
+        spec_errors = tuple(check_against_cloud_config(spec, cloud, rt.bosh))
+        template = render_manifest(namespace, name, spec, rt.bosh)
+        _, credentials = await ensure_credentials(rt, namespace, name, body)
+        manifest = interpolate(template, {"admin_password": credentials["password"]})
+        instances = None
+        if deployed_text is not None and (task is None or task.finished):
+            instances = tuple(await rt.director.instances(deployment))
+        observed = Observed(
+            **base,
+            spec_errors=spec_errors,
+            desired_hash=_hash(template),
+            deployed=deployed_text is not None,
+            deployed_matches=None if deployed_text is None else manifests_equal(deployed_text, manifest),
+            task=task,
+            task_progress=progress,
+            instances=instances,
+        )
+        mem.director_failures = 0
+        return observed, manifest
+    except BoshError as exc:
+        observed = Observed(**base, director_error=str(exc), director_failures=mem.director_failures)
+        mem.director_failures += 1
+        return observed, manifest
+
+
+async def execute(rt: Runtime, body: dict[str, Any], result: Plan, manifest: str) -> None:
+    meta = body["metadata"]
+    ctx = context_id(meta["uid"])
+    for action in result.actions:
+        if isinstance(action, Deploy):
+            # Adopt a task of ours that is already running (a restart between POST and the
+            # status write) instead of starting a second one.
+            running = await rt.director.tasks(
+                deployment=result.status.deployment, context_id=ctx, states=("queued", "processing")
+            )
+            if running:
+                task = running[0]
+            else:
+                task_id = await rt.director.deploy(manifest, context_id=ctx)
+                task = Task(id=task_id, state="queued", description="create deployment")
+            result.status.bosh_task = models.BoshTaskStatus.model_validate(
+                {
+                    "id": task.id,
+                    "state": task.state,
+                    "description": task.description or "create deployment",
+                    "startedAt": models.now_rfc3339(),
+                }
+            )
+        elif isinstance(action, DeleteDeployment):
+            task_id_or_none = await rt.director.delete_deployment(action.deployment, context_id=ctx)
+            if task_id_or_none is not None:
+                result.status.bosh_task = models.BoshTaskStatus.model_validate(
+                    {
+                        "id": task_id_or_none,
+                        "state": "queued",
+                        "description": "delete deployment",
+                        "startedAt": models.now_rfc3339(),
+                    }
+                )
+        elif isinstance(action, SetResurrection):
+            await rt.director.set_resurrection(
+                result.status.deployment or "", rt.bosh.instance_group, action.instance_id, paused=action.paused
+            )
+        # Record what was started before anything waits on it.
+        await rt.kube.merge_patch(cluster_path(meta["namespace"], meta["name"], "status"), status_patch(result.status))
+
+
+def parse_status(body: dict[str, Any]) -> PostgresClusterStatus:
+    raw = {k: v for k, v in (body.get("status") or {}).items() if k != "kopf"}
+    try:
+        return PostgresClusterStatus.model_validate(raw)
+    except ValidationError:
+        log.warning("status of %s is unreadable; starting from an empty one", body["metadata"].get("name"))
+        return PostgresClusterStatus.model_validate({})
+
+
+async def reconcile_once(rt: Runtime, namespace: str, name: str, *, deleting: bool = False) -> Plan | None:
+    """One step. Returns the plan it carried out (None: the resource is gone)."""
+    try:
+        body = await rt.kube.get(cluster_path(namespace, name))
+    except NotFound:
+        return None
+    status = parse_status(body)
+    deleting = deleting or bool(body["metadata"].get("deletionTimestamp"))
+    try:
+        spec = PostgresClusterSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        if not deleting:
+            raise
+        spec = PostgresClusterSpec.model_validate({})  # deleting needs only the names
+        log.debug("deleting a cluster whose spec does not parse: %s", exc.error_count())
+    observed, manifest = await gather(rt, body, spec, status, deleting)
+    if not deleting:
+        secret_name = f"{name}{CREDENTIALS_SUFFIX}"
+        if observed.director_error is None:
+            observed = _with_credentials(observed, secret_name)
+    result = planner.plan(spec, observed)
+    if result.actions:
+        await execute(rt, body, result, manifest)
+    elif result.status != status:
+        await rt.kube.merge_patch(cluster_path(namespace, name, "status"), status_patch(result.status))
+    for event in result.events:
+        rt.post_event(body, event.type, event.reason, event.message)
+    return result
+
+
+def _with_credentials(observed: Observed, secret_name: str) -> Observed:
+    status = observed.status.model_copy(update={"credentials_secret": secret_name})
+    return Observed(**{**observed.__dict__, "status": status})

@@ -1,0 +1,97 @@
+"""Shared fixtures: the local Kubernetes API, and the real kopf operator against it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.bosh.config import BoshConfig
+from controller.bosh.types import Director
+from controller.kube.client import KubeClient
+from controller.local.kube import LocalKubernetes, serve, write_kubeconfig
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture
+async def kube_api(tmp_path: Path) -> AsyncIterator[tuple[LocalKubernetes, str, str]]:
+    """The local Kubernetes API on a loopback port: (emulator, url, kubeconfig path)."""
+    async with serve() as (api, url):
+        kubeconfig = str(tmp_path / "kubeconfig")
+        write_kubeconfig(kubeconfig, url)
+        yield api, url, kubeconfig
+
+
+@pytest.fixture
+async def kube(kube_api: tuple[LocalKubernetes, str, str]) -> AsyncIterator[KubeClient]:
+    async with KubeClient(kube_api[1]) as client:
+        yield client
+
+
+@asynccontextmanager
+async def running_operator(url: str, director: Director, **kwargs: Any) -> AsyncIterator[None]:
+    from controller.operator.main import KubeConnection, run
+
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(
+        run(KubeConnection(server=url), BoshConfig(), director=director, stop_flag=stop, ready_flag=ready, **kwargs)
+    )
+    done, _ = await asyncio.wait([task, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    try:
+        yield
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=30)
+        except TimeoutError:
+            task.cancel()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
+    """Poll an async or sync check until it returns something truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Any = None
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        last = result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def kubectl_binary() -> str:
+    found = shutil.which("kubectl")
+    if not found:
+        raise RuntimeError("kubectl is not installed: run `make setup` (Debian: apt-get install kubernetes-client)")
+    return found
+
+
+async def kubectl(kubeconfig: str, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        kubectl_binary(),
+        "--kubeconfig",
+        kubeconfig,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "HOME": os.path.dirname(kubeconfig)},
+    )
+    out, err = await proc.communicate(stdin.encode() if stdin else None)
+    return proc.returncode or 0, out.decode(), err.decode()

@@ -1,0 +1,230 @@
+"""The real kopf operator on the local Kubernetes API, with a Director test double.
+
+These tests cover the operator core: phases and conditions, events, the finalizer,
+semantic validation, failures, and a restart in the middle of a task.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from conftest import eventually, running_operator
+from fakes import FakeDirector
+
+from controller.kube.client import KubeClient, NotFound, core_path, resource_path
+
+PATH = resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "default")
+CLUSTER: dict[str, Any] = {
+    "apiVersion": "pgbosh.dev/v1alpha1",
+    "kind": "PostgresCluster",
+    "metadata": {"name": "demo", "namespace": "default"},
+    "spec": {"instances": 3, "storage": {"size": "1Gi"}},
+}
+
+
+def cluster(**spec: Any) -> dict[str, Any]:
+    body = copy.deepcopy(CLUSTER)
+    body["spec"].update(spec)
+    return body
+
+
+async def status_of(kube: KubeClient, name: str = "demo") -> dict[str, Any]:
+    try:
+        body = await kube.get(f"{PATH}/{name}")
+    except NotFound:
+        return {}
+    return body.get("status") or {}
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+async def events_for(kube: KubeClient, name: str = "demo") -> list[dict[str, Any]]:
+    items = await kube.list(core_path("events", "default"))
+    return [e for e in items if e.get("involvedObject", {}).get("name") == name]
+
+
+@pytest.fixture
+def director() -> FakeDirector:
+    return FakeDirector()
+
+
+async def test_create_goes_through_provisioning_to_ready_and_delete_runs_the_finalizer(kube_api, kube, director):
+    _, url, _ = kube_api
+    phases: list[str] = []
+
+    async def phase_seen() -> bool:
+        status = await status_of(kube)
+        if status.get("phase") and (not phases or phases[-1] != status["phase"]):
+            phases.append(status["phase"])
+        return status.get("phase") == "Ready"
+
+    async with running_operator(url, director):
+        await kube.create(PATH, cluster())
+        await eventually(phase_seen, timeout=30, interval=0.05)
+        status = await status_of(kube)
+        assert "Provisioning" in phases and phases[-1] == "Ready"
+        assert status["readyInstances"] == 3
+        assert [i["az"] for i in status["instances"]] == ["z1", "z2", "z3"]
+        assert condition(status, "Ready")["status"] == "True"
+        assert condition(status, "Ready")["reason"] == "AllInstancesRunning"
+        assert status["boshTask"]["state"] == "done"
+        assert status["credentialsSecret"] == "demo-pgbosh-credentials"
+        assert status["endpoint"] == {"host": "master.pg-default-demo.service.consul", "port": 5432}
+        assert director.count("deploy") == 1
+        reasons = [e["reason"] for e in await eventually(lambda: events_for(kube))]
+        assert "Deploying" in reasons
+        body = await kube.get(f"{PATH}/demo")
+        assert "pgbosh.dev/finalizer" in body["metadata"]["finalizers"]
+        # The generated password is in the Secret, and nowhere in the status or events.
+        password = (await kube.get_secret("default", "demo-pgbosh-credentials"))["password"]
+        assert password not in str(body) and password not in str(await events_for(kube))
+
+        await kube.delete(f"{PATH}/demo")
+
+        async def gone() -> bool:
+            try:
+                await kube.get(f"{PATH}/demo")
+            except NotFound:
+                return True
+            return False
+
+        await eventually(gone, timeout=30)
+        assert director.deployments == {}
+        assert director.count("delete_deployment") == 1
+
+
+async def test_scaling_redeploys_once_and_settled_cluster_does_not_redeploy(kube_api, kube, director):
+    _, url, _ = kube_api
+    async with running_operator(url, director, resync_seconds=0.2):
+        await kube.create(PATH, cluster())
+        await eventually(lambda: _phase_is(kube, "Ready"), timeout=30)
+        await kube.merge_patch(f"{PATH}/demo", {"spec": {"instances": 5}})
+        await eventually(lambda: _ready_count(kube, 5), timeout=30)
+        deploys = director.count("deploy")
+        assert deploys == 2
+        observed_before = director.count("instances")
+        await eventually(lambda: director.count("instances") >= observed_before + 10, timeout=30)
+        assert director.count("deploy") == deploys  # observing a settled cluster never deploys
+
+
+async def _phase_is(kube: KubeClient, phase: str) -> bool:
+    return (await status_of(kube)).get("phase") == phase
+
+
+async def _ready_count(kube: KubeClient, n: int) -> bool:
+    status = await status_of(kube)
+    return status.get("phase") == "Ready" and status.get("readyInstances") == n
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"vmType": "huge"}, "vmType 'huge' is not a vm_type of the BOSH cloud config (it has: large, medium, small)"),
+        ({"azs": ["z1", "z9"]}, "z9"),
+        ({"storage": {"diskType": "50GB"}}, "50GB"),
+    ],
+)
+async def test_semantic_errors_set_ready_false_and_change_nothing(kube_api, kube, director, spec, message):
+    _, url, _ = kube_api
+    async with running_operator(url, director):
+        await kube.create(PATH, cluster(**spec))
+        status = await eventually(lambda: _condition_reason(kube, "Ready", "InvalidSpec"), timeout=20)
+        ready = condition(status, "Ready")
+        assert ready["status"] == "False"
+        assert message in ready["message"]
+        assert "nothing was deployed" in ready["message"]
+        assert director.count("deploy") == 0 and director.deployments == {}
+        assert status.get("phase", "Pending") == "Pending"
+        warnings = await eventually(lambda: _events_with_reason(kube, "InvalidSpec"))
+        assert warnings[0]["type"] == "Warning" and message in warnings[0]["message"]
+
+
+async def _events_with_reason(kube: KubeClient, reason: str) -> list[dict[str, Any]]:
+    return [e for e in await events_for(kube) if e["reason"] == reason]
+
+
+async def _condition_reason(kube: KubeClient, type_: str, reason: str) -> dict[str, Any] | None:
+    status = await status_of(kube)
+    return status if condition(status, type_).get("reason") == reason else None
+
+
+async def test_failed_task_is_reported_and_not_retried_until_the_spec_changes(kube_api, kube, director):
+    _, url, _ = kube_api
+    director.fail_next_deploy = "Instance 'postgres/0' failed to start"
+    async with running_operator(url, director, resync_seconds=0.2):
+        await kube.create(PATH, cluster())
+        status = await eventually(lambda: _phase_status(kube, "Failed"), timeout=30)
+        ready = condition(status, "Ready")
+        assert ready["reason"] == "DeployFailed"
+        assert "failed to start" in ready["message"] and "pgbosh.dev/redeploy" in ready["message"]
+        calls = len(director.calls)
+        await eventually(lambda: len(director.calls) > calls + 5, timeout=10)
+        assert director.count("deploy") == 1  # no retry loop on a manifest that failed
+        await kube.merge_patch(f"{PATH}/demo", {"metadata": {"annotations": {"pgbosh.dev/redeploy": "1"}}})
+        await eventually(lambda: _phase_is(kube, "Ready"), timeout=30)
+        assert director.count("deploy") == 2
+
+
+async def _phase_status(kube: KubeClient, phase: str) -> dict[str, Any] | None:
+    status = await status_of(kube)
+    return status if status.get("phase") == phase else None
+
+
+async def test_director_down_is_reported_with_backoff_not_a_storm(kube_api, kube, director):
+    _, url, _ = kube_api
+    director.down = True
+    async with running_operator(url, director):
+        await kube.create(PATH, cluster())
+        status = await eventually(lambda: _condition_reason(kube, "Ready", "DirectorUnavailable"), timeout=20)
+        assert "connection refused" in condition(status, "Ready")["message"]
+        import asyncio
+
+        before = len(director.calls)
+        await asyncio.sleep(6)
+        # Backoff 2s, 4s, 8s...: at most a few attempts in six seconds, never a storm.
+        assert len(director.calls) - before <= 4
+        director.down = False
+        await eventually(lambda: _phase_is(kube, "Ready"), timeout=60)
+
+
+async def test_operator_restarted_during_a_task_resumes_it_without_a_second_deploy(kube_api, kube):
+    _, url, _ = kube_api
+    slow = FakeDirector(polls_per_task=1000)
+    async with running_operator(url, slow):
+        await kube.create(PATH, cluster())
+        status = await eventually(lambda: _phase_status(kube, "Provisioning"), timeout=20)
+        await eventually(lambda: _task_state(kube, "processing"), timeout=20)
+    task_id = (await status_of(kube))["boshTask"]["id"]
+    assert slow.count("deploy") == 1
+    # The task finishes while no operator runs; a new operator picks the recorded task up.
+    slow.tasks_by_id[task_id].polls_left = 1
+    async with running_operator(url, slow):
+        status = await eventually(lambda: _phase_status(kube, "Ready"), timeout=30)
+    assert slow.count("deploy") == 1
+    assert status["boshTask"]["id"] == task_id
+
+
+async def test_restart_between_deploy_and_status_write_adopts_the_running_task(kube_api, kube):
+    _, url, _ = kube_api
+    director = FakeDirector(polls_per_task=1000)
+    # A deploy that was started (by a previous operator that died before writing the status).
+    await kube.create(PATH, cluster())
+    body = await kube.get(f"{PATH}/demo")
+    from controller.operator.reconcile import context_id
+
+    orphan = await director.deploy(
+        "name: pgbosh-default-demo\ninstance_groups: [{name: postgres, instances: 3, azs: [z1, z2, z3]}]\n",
+        context_id=context_id(body["metadata"]["uid"]),
+    )
+    async with running_operator(url, director):
+        await eventually(lambda: _task_state(kube, "processing"), timeout=20)
+        assert (await status_of(kube))["boshTask"]["id"] == orphan
+        assert director.count("deploy") == 1
+
+
+async def _task_state(kube: KubeClient, state: str) -> bool:
+    return ((await status_of(kube)).get("boshTask") or {}).get("state") == state
