@@ -25,6 +25,7 @@ from controller.node.pgconf import (
     PGBOSH_CONF,
     REPMGR_DATABASE,
     REPMGR_USER,
+    node_id,
     render_pg_hba,
     render_pg_ident,
     render_pgpass,
@@ -66,7 +67,8 @@ def plan_provisioning(*, bootstrap: bool, initialized: bool, provisioned: bool) 
 @dataclass(frozen=True)
 class PeerRole:
     peer: Peer
-    primary: bool  # answers, is not in recovery, and is registered as repmgr primary
+    writable: bool  # answers and is not in recovery
+    registered: bool  # repmgr metadata exists and names an active primary
 
 
 class PostgresJob:
@@ -149,6 +151,7 @@ class PostgresJob:
 
     async def _provision_and_start(self) -> None:
         self._prepare_directories()
+        await self._stop_orphan_postmaster()
         plan = plan_provisioning(
             bootstrap=self.config.bootstrap,
             initialized=self.layout.data_dir_initialized(),
@@ -175,9 +178,18 @@ class PostgresJob:
             await self._repmgr("standby", "register", "--force")
         if plan is not Provisioning.REUSE:
             self.layout.provisioned_marker.write_text(f"{plan.value}\n")
+        await self._wait_for_local_node_record()
         self.supervisors[1].start()
         await self.supervisors[1].wait_running(30)
         log.info("job postgres running")
+
+    async def _stop_orphan_postmaster(self) -> None:
+        """A postmaster we did not start still runs on this disk (an agent killed
+        without its process group, or a pg_ctl start by repmgr): its sockets and
+        password file belong to a VM directory that may be gone, so restart it ours."""
+        if self.postgres.current_pid() is not None and not self.postgres.is_our_child():
+            log.warning("stopping a postmaster this agent did not start (pid %s)", self.postgres.current_pid())
+            await self.postgres.terminate()
 
     # --- files ---------------------------------------------------------------------
     def _prepare_directories(self) -> None:
@@ -294,6 +306,22 @@ class PostgresJob:
                     )
         log.info("roles %s, %s and databases %s are in place", REPMGR_USER, pg.admin_user, [d for d, _ in wanted])
 
+    async def _wait_for_local_node_record(self, time_limit: float = 120.0) -> None:
+        """repmgrd exits at once when its node record is missing locally; on a standby
+        the record written by `standby register` arrives through replication."""
+        deadline = asyncio.get_running_loop().time() + time_limit
+        query = "SELECT 1 FROM repmgr.nodes WHERE node_id = %s"
+        while True:
+            try:
+                async with await self.postgres.connect(REPMGR_DATABASE) as conn:
+                    if await (await conn.execute(query, (node_id(self.config),))).fetchone():
+                        return
+            except psycopg.Error as error:
+                log.info("repmgr metadata not readable yet: %s", error.__class__.__name__)
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"node record {node_id(self.config)} not visible locally after {time_limit:.0f} s")
+            await asyncio.sleep(0.2)
+
     async def _probe_peer(self, peer: Peer) -> PeerRole | None:
         try:
             async with await psycopg.AsyncConnection.connect(
@@ -307,28 +335,30 @@ class PostgresJob:
             ) as conn:
                 row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
                 if row is None or row[0]:
-                    return PeerRole(peer, primary=False)
+                    return PeerRole(peer, writable=False, registered=False)
                 registered = await (
                     await conn.execute(
                         "SELECT to_regclass('repmgr.nodes') IS NOT NULL"
                         " AND EXISTS (SELECT 1 FROM repmgr.nodes WHERE type = 'primary' AND active)"
                     )
                 ).fetchone()
-                return PeerRole(peer, primary=bool(registered and registered[0]))
+                return PeerRole(peer, writable=True, registered=bool(registered and registered[0]))
         except psycopg.Error:
             return None
 
-    async def find_primary_peer(self) -> Peer | None:
+    async def find_primary_peer(self, *, registered: bool) -> Peer | None:
+        """A writable peer; with `registered`, only one repmgr already knows as primary
+        (a standby registers against that record)."""
         results = await asyncio.gather(*(self._probe_peer(peer) for peer in self.config.other_peers()))
         for result in results:
-            if result is not None and result.primary:
+            if result is not None and result.writable and (result.registered or not registered):
                 return result.peer
         return None
 
     async def _wait_for_primary(self) -> Peer:
         logged = False
         while True:
-            primary = await self.find_primary_peer()
+            primary = await self.find_primary_peer(registered=True)
             if primary is not None:
                 log.info("cloning from primary %s (index %d)", primary.address, primary.index)
                 return primary
@@ -340,7 +370,7 @@ class PostgresJob:
     async def _refuse_second_primary(self) -> None:
         """This disk held a primary. If another primary has taken over meanwhile,
         starting ours would split the cluster in two."""
-        other = await self.find_primary_peer()
+        other = await self.find_primary_peer(registered=False)
         if other is None:
             return
         # TODO(HA): rejoin as a standby of `other` here (repmgr node rejoin --force-rewind,

@@ -80,6 +80,9 @@ class PostgresServer:
             return pid
         return None
 
+    def is_our_child(self) -> bool:
+        return self._child.alive_pid() is not None
+
     async def launch(self) -> None:
         await self._child.spawn(
             self.run_as, [self.layout.binary("postgres"), "-D", self.layout.data_dir], self.layout.postgres_log

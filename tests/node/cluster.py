@@ -225,4 +225,7 @@ def running_cluster(addresses: list[str]) -> Iterator[list[Node]]:
     finally:
         for node in nodes:
             node.stop_agent()
-        shutil.rmtree(base, ignore_errors=True)
+        if os.environ.get("PGBOSH_KEEP_TEST_DIRS"):
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)

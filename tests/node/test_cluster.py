@@ -53,9 +53,10 @@ def test_primary_streams_to_two_standbys(cluster: list[Node]) -> None:
 
 
 def test_status_reports_processes(cluster: list[Node]) -> None:
-    status: dict[str, Any] = cluster[1].status() or {}
+    status: dict[str, Any] = wait_for(
+        lambda: (s := cluster[1].status()) is not None and s["job_state"] == "running" and s, 30, "running"
+    )
     assert status["agent_id"] == "agent-1-0"
-    assert status["job_state"] == "running"
     assert [p["name"] for p in status["processes"]] == ["postgres", "repmgrd"]
     for process in status["processes"]:
         assert process["state"] == "running"
@@ -130,3 +131,35 @@ def test_no_password_in_logs_or_command_lines(cluster: list[Node]) -> None:
                 continue
             assert ADMIN_PASSWORD not in cmdline
             assert REPLICATION_PASSWORD not in cmdline
+
+
+def test_jobs_stop_and_start_over_the_api(cluster: list[Node]) -> None:
+    primary, _, standby = cluster
+    stopped = standby.request("POST", "/jobs/stop", timeout=90)
+    assert stopped["job_state"] == "stopped"
+    assert [p["state"] for p in stopped["processes"]] == ["stopped", "stopped"]
+    assert not (standby.disk / "postgres" / "data" / "postmaster.pid").exists()
+    assert standby.status() is not None  # the agent itself stays up
+    started = standby.request("POST", "/jobs/start")
+    assert started["job_state"] in ("starting", "running")
+    wait_for(lambda: (standby.status() or {}).get("job_state") == "running", 60, "job running after start")
+    wait_for(lambda: "node-2" in streaming_standbys(primary), 30, "node-2 streaming after start")
+
+
+def test_former_primary_refuses_to_start_beside_a_new_primary(cluster: list[Node]) -> None:
+    """Last in this module: it leaves the cluster with a new primary."""
+    old_primary, new_primary, _ = cluster
+    old_primary.stop_agent()
+    with new_primary.connect("postgres") as conn:
+        conn.execute("SELECT pg_promote()")
+    wait_for(lambda: (new_primary.status() or {}).get("role") == "primary", 30, "node 1 promoted")
+
+    old_primary.generation += 1
+    old_primary.start_agent()
+    status = wait_for(
+        lambda: (s := old_primary.status()) is not None and s.get("job_state") == "failing" and s, 30, "refusal"
+    )
+    assert "refusing to start a second primary" in status["error"]
+    assert new_primary.address in status["error"]
+    assert not (old_primary.disk / "postgres" / "data" / "postmaster.pid").exists()
+    assert (new_primary.status() or {})["role"] == "primary"
