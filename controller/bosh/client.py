@@ -85,17 +85,24 @@ class DirectorUnavailable(BoshError):
 
 
 class AuthenticationFailed(BoshError):
-    """UAA refused the client credentials, or the Director refused a fresh token."""
+    """UAA refused the client credentials (a Director 401 with a fresh token is a DirectorError)."""
 
 
 class TaskFailed(BoshError):
     """A task pgbosh waited on ended in error, cancelled or timeout, or took too long."""
 
-    def __init__(self, task_id: int, state: str, detail: str = "") -> None:
+    def __init__(
+        self, task_id: int, state: str, detail: str = "", *, gave_up_after: float | None = None
+    ) -> None:
         self.task_id = task_id
         self.state = state
         self.detail = detail
-        super().__init__(f"BOSH task {task_id} ended in state '{state}'" + (f": {detail}" if detail else ""))
+        self.gave_up_after = gave_up_after
+        if gave_up_after is not None:
+            message = f"gave up waiting for BOSH task {task_id}: still '{state}' after {gave_up_after:g}s"
+        else:
+            message = f"BOSH task {task_id} ended in state '{state}'" + (f": {detail}" if detail else "")
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,15 @@ class _Token:
     value: str
     type: str
     expires_at: float  # on the client's clock
+    lifetime: float
+
+    def due(self, now: float, margin: float) -> bool:
+        # A token shorter-lived than twice the margin is renewed at half its life, not on every call.
+        return now >= self.expires_at - min(margin, self.lifetime / 2)
+
+
+# UAA always sends expires_in; if a server does not, assume this many seconds (a 401 still renews).
+_ASSUMED_TOKEN_LIFETIME = 300.0
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -169,9 +185,12 @@ class DirectorClient:
     async def info(self, *, refresh: bool = False) -> DirectorInfo:
         """`GET /info` (no auth needed); cached, since it decides how to log in."""
         if self._info is None or refresh:
-            raw = await self._json("GET", "/info", authenticated=False)
-            auth = raw.get("user_authentication") or {}
-            options = auth.get("options") or {}
+            response = await self._send("GET", "/info", idempotent=True, authenticated=False)
+            raw = self._decode(response, "GET", "/info")
+            if not isinstance(raw, dict):
+                raise self._unexpected(response, "GET", "/info", "not a JSON object")
+            auth: dict[str, Any] = raw.get("user_authentication") or {}
+            options: dict[str, Any] = auth.get("options") or {}
             self._info = DirectorInfo(
                 name=str(raw.get("name") or ""),
                 uuid=str(raw.get("uuid") or ""),
@@ -200,9 +219,8 @@ class DirectorClient:
             return "Basic " + base64.b64encode(pair).decode("ascii")
         async with self._auth_lock:
             token = self._token
-            margin = self.config.token_refresh_margin
             renew = token is not None and refused == f"{token.type} {token.value}"
-            if renew or token is None or self._clock() >= token.expires_at - margin:
+            if renew or token is None or token.due(self._clock(), self.config.token_refresh_margin):
                 self._token = token = await self._fetch_token(info)
                 self._issued_tokens = [*self._issued_tokens[-4:], token.value]
             return f"{token.type} {token.value}"
@@ -214,17 +232,32 @@ class DirectorClient:
             )
         url = f"{info.uaa_url}/oauth/token"
         secret = self.config.client_secret.reveal() if self.config.client_secret else ""
-        started = self._clock()
-        try:
-            response = await self._http.post(
-                url,
-                data={"grant_type": "client_credentials"},
-                auth=(self.config.client_id, secret),
-                headers={"Accept": "application/json"},
-                timeout=self.config.timeouts.token,
-            )
-        except httpx.TransportError as exc:
-            raise DirectorUnavailable("POST", "/oauth/token", self._describe(exc), 1, info.uaa_url) from None
+        attempts = self.config.retry.attempts  # asking for a token changes nothing: safe to retry
+        attempt = 0
+        while True:
+            attempt += 1
+            started = self._clock()
+            try:
+                response = await self._http.post(
+                    url,
+                    data={"grant_type": "client_credentials"},
+                    auth=(self.config.client_id, secret),
+                    headers={"Accept": "application/json"},
+                    timeout=self.config.timeouts.token,
+                )
+            except httpx.TransportError as exc:
+                if attempt < attempts:
+                    await self._sleep(self.config.retry.delay(attempt, self._draw()))
+                    continue
+                reason = self._scrub(self._describe(exc))
+                raise DirectorUnavailable("POST", "/oauth/token", reason, attempt, info.uaa_url) from None
+            if response.status_code >= 500:
+                if attempt < attempts:
+                    await self._sleep(self.config.retry.delay(attempt, self._draw()))
+                    continue
+                body = self._scrub(response.text.strip()[:300])
+                raise DirectorError(response.status_code, None, body, "POST", "/oauth/token", info.uaa_url)
+            break
         if response.status_code != 200:
             body = self._scrub(response.text[:300])
             raise AuthenticationFailed(
@@ -238,10 +271,9 @@ class DirectorClient:
             raise AuthenticationFailed(
                 f"UAA at {info.uaa_url} answered a token request without an access_token"
             ) from None
-        expires_in = float(raw.get("expires_in") or 0)
-        return _Token(
-            value=value, type=str(raw.get("token_type") or "bearer"), expires_at=started + expires_in
-        )
+        lifetime = float(raw.get("expires_in") or _ASSUMED_TOKEN_LIFETIME)
+        token_type = str(raw.get("token_type") or "bearer")
+        return _Token(value=value, type=token_type, expires_at=started + lifetime, lifetime=lifetime)
 
     def _scrub(self, text: str) -> str:
         """Remove the client secret and the current token from text that leaves this class."""
@@ -535,10 +567,10 @@ class DirectorClient:
                 await on_events(events)
             if task.finished:
                 if not task.succeeded:
-                    raise TaskFailed(task_id, task.state, last_error or (task.result or ""))
+                    raise TaskFailed(task_id, task.state, self._scrub(last_error or (task.result or "")))
                 return task
             if deadline is not None and self._clock() >= deadline:
-                raise TaskFailed(task_id, task.state, f"still {task.state} after {give_up_after:g}s")
+                raise TaskFailed(task_id, task.state, gave_up_after=give_up_after)
             await self._sleep(self.config.timeouts.task_poll_interval)
 
     async def instances(self, deployment: str) -> list[Instance]:

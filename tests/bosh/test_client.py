@@ -198,6 +198,72 @@ async def test_uaa_refusing_the_credentials_is_authentication_failed(
     assert fake.to("GET", "/deployments") == []
 
 
+async def test_uaa_unreachable_is_retried_then_unavailable(
+    client: DirectorClient, fake: FakeDirector
+) -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("Connection refused", request=request)
+
+    fake.uaa_answer = down
+    with pytest.raises(DirectorUnavailable) as caught:
+        await client.deployments()
+    assert len(fake.to("POST", "/oauth/token")) == 4
+    assert str(caught.value).startswith(f"POST /oauth/token at {UAA_URL} got no answer after 4 attempts")
+
+
+async def test_uaa_5xx_is_retried_and_then_a_server_side_error(
+    client: DirectorClient, fake: FakeDirector, sleeps: Sleeps
+) -> None:
+    fake.uaa_answer = lambda _r: httpx.Response(503, text="UAA is starting")
+    with pytest.raises(DirectorError) as caught:
+        await client.deployments()
+    assert caught.value.server_side and caught.value.path == "/oauth/token"
+    assert len(fake.to("POST", "/oauth/token")) == 4 and sleeps.waits == [0.5, 1.0, 2.0]
+
+
+async def test_a_transient_uaa_failure_recovers(client: DirectorClient, fake: FakeDirector) -> None:
+    def once_502(request: httpx.Request) -> httpx.Response:
+        fake.uaa_answer = None  # the next token request gets the real answer
+        return httpx.Response(502)
+
+    fake.uaa_answer = once_502
+    fake.route("GET", "/deployments", [])
+    assert await client.deployments() == []
+    assert len(fake.to("POST", "/oauth/token")) == 2 and len(fake.tokens) == 1
+
+
+async def test_short_lived_tokens_are_renewed_at_half_life_not_on_every_call(
+    fake: FakeDirector, clock: Clock, sleeps: Sleeps
+) -> None:
+    fake.expires_in = 40  # shorter than the 60 s margin
+    fake.route("GET", "/deployments", [])
+    async with DirectorClient(config(), transport=fake.transport(), sleep=sleeps, clock=clock) as client:
+        for _ in range(3):
+            await client.deployments()
+        assert len(fake.tokens) == 1
+        clock.now += 20
+        await client.deployments()
+        assert len(fake.tokens) == 2
+
+
+async def test_a_token_without_expires_in_is_assumed_to_last_five_minutes(
+    client: DirectorClient, fake: FakeDirector, clock: Clock
+) -> None:
+    def no_expiry(request: httpx.Request) -> httpx.Response:
+        fake.tokens.append(f"t{len(fake.tokens)}")
+        return httpx.Response(200, json={"token_type": "bearer", "access_token": fake.tokens[-1]})
+
+    fake.uaa_answer = no_expiry
+    fake.route("GET", "/deployments", [])
+    await client.deployments()
+    clock.now += 200
+    await client.deployments()
+    assert len(fake.tokens) == 1
+    clock.now += 50  # 250 s: inside the 60 s margin of 300 s
+    await client.deployments()
+    assert len(fake.tokens) == 2
+
+
 async def test_basic_auth_for_old_directors(clock: Clock, sleeps: Sleeps) -> None:
     fake = FakeDirector(auth="basic")
     fake.route("GET", "/deployments", [])
@@ -692,7 +758,7 @@ async def test_instances_task_that_never_ends_gives_up(
     ) as client:
         with pytest.raises(TaskFailed) as caught:
             await client.instances("d")
-    assert "still processing after 10s" in str(caught.value)
+    assert str(caught.value) == "gave up waiting for BOSH task 9: still 'processing' after 10s"
     assert len(fake.to("GET", "/tasks/9")) == 6  # at 0, 2, 4, 6, 8, 10 s
 
 
