@@ -143,7 +143,9 @@ def open_api_schema() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [{"rule": NAME_RULE.rule, "message": NAME_RULE.message}],
+        "x-kubernetes-validations": [
+            {"rule": NAME_RULE.rule, "message": NAME_RULE.message, "fieldPath": ".metadata.name"}
+        ],
     }
 
 

@@ -381,7 +381,9 @@ class PostgresClusterStatus(_Model):
     last_deployed_generation: Annotated[int | None, Field(default=None, alias="lastDeployedGeneration")]
     failed_attempt: Annotated[
         str | None,
-        Field(default=None, alias="failedAttempt", description="The manifest that failed to deploy; not retried as is."),
+        Field(
+            default=None, alias="failedAttempt", description="The manifest that failed to deploy; not retried as is."
+        ),
     ]
 
 

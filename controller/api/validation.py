@@ -10,6 +10,7 @@ functions added.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +140,25 @@ def _unknown_fields(schema: dict[str, Any], value: Any, path: str) -> list[Field
     return errors
 
 
+def _set_duplicates(schema: dict[str, Any], value: Any, path: str) -> list[FieldError]:
+    """x-kubernetes-list-type: set means no duplicates (the API server says "Duplicate value")."""
+    errors: list[FieldError] = []
+    if schema.get("type") == "array" and isinstance(value, list):
+        if schema.get("x-kubernetes-list-type") == "set":
+            seen: list[Any] = []
+            for i, item in enumerate(value):
+                if item in seen:
+                    errors.append(FieldError(f"{path}[{i}]", f"Duplicate value: {json.dumps(item)}"))
+                seen.append(item)
+        for i, item in enumerate(value):
+            errors.extend(_set_duplicates(schema.get("items", {}), item, f"{path}[{i}]"))
+    elif schema.get("type") == "object" and isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                errors.extend(_set_duplicates(sub, value[name], f"{path}.{name}" if path else name))
+    return errors
+
+
 def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list[FieldError]:
     errors: list[FieldError] = []
     if value is None:
@@ -177,6 +197,7 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, A
     defaulted = apply_defaults(schema, obj)
     errors = _unknown_fields(schema, defaulted, "")
     errors += _schema_errors(schema, defaulted)
+    errors += _set_duplicates(schema, defaulted, "")
     if not errors:
         old_defaulted = apply_defaults(schema, old) if old is not None else None
         errors += _cel_errors(schema, defaulted, old_defaulted, "")

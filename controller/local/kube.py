@@ -309,16 +309,14 @@ class LocalKubernetes(kmock.KubernetesEmulator):
             return self._table(request, payload["items"], payload["metadata"])
         return payload
 
+    async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
+        payload = await super()._serve_update(request)
+        return _as_scale(payload) if request.subresource == "scale" else payload
+
     async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
         payload = await super()._serve_fetch(request)
-        if request.subresource == "scale" and isinstance(payload, dict):
-            return {
-                "apiVersion": "autoscaling/v1",
-                "kind": "Scale",
-                "metadata": payload.get("metadata", {}),
-                "spec": {"replicas": (payload.get("spec") or {}).get("instances")},
-                "status": {"replicas": (payload.get("status") or {}).get("instanceCount", 0)},
-            }
+        if request.subresource == "scale":
+            return _as_scale(payload)
         if _wants_table(request) and isinstance(payload, dict):
             return self._table(
                 request, [payload], {"resourceVersion": payload.get("metadata", {}).get("resourceVersion")}
@@ -370,6 +368,19 @@ class LocalKubernetes(kmock.KubernetesEmulator):
             "columnDefinitions": columns,
             "rows": rows,
         }
+
+
+def _as_scale(payload: Any) -> Any:
+    """The autoscaling/v1 Scale view of a PostgresCluster (the scale subresource)."""
+    if not isinstance(payload, dict):
+        return payload
+    return {
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": payload.get("metadata", {}),
+        "spec": {"replicas": (payload.get("spec") or {}).get("instances")},
+        "status": {"replicas": (payload.get("status") or {}).get("instanceCount", 0)},
+    }
 
 
 def _pointer(path: str) -> list[str]:
