@@ -26,6 +26,7 @@ from controller.local.consul.state import (
     field_of,
     parse_duration,
     service_from_body,
+    str_map,
 )
 
 log = logging.getLogger(__name__)
@@ -379,8 +380,10 @@ class ConsulHTTP:
         address = field_of(body, "Address")
         if not node:
             raise ConsulError(400, "Must provide node")
-        if not address and not field_of(body, "SkipNodeUpdate"):
-            raise ConsulError(400, "Must provide address if SkipNodeUpdate is not set")
+        existing = self.store.nodes.get(str(node))
+        skip_node_update = bool(field_of(body, "SkipNodeUpdate")) and existing is not None
+        if not address and not skip_node_update:
+            raise ConsulError(400, "Must provide address")
         raw_svc = field_of(body, "Service")
         raw_checks: list[Any] = []
         if isinstance(field_of(body, "Check"), dict):
@@ -396,14 +399,17 @@ class ConsulHTTP:
                 raise ConsulError(400, "Missing CheckID")
             if chk.ttl:
                 raise ConsulError(400, "TTL checks cannot be registered through the catalog")
-        existing = self.store.nodes.get(str(node))
-        if existing is None or not field_of(body, "SkipNodeUpdate"):
+            # validated before any write, so a bad request changes nothing (Consul applies it as one txn)
+            if (
+                chk.service_id
+                and not (svc and svc.id == chk.service_id)
+                and ((str(node), chk.service_id) not in self.store.services)
+            ):
+                raise ConsulError(400, f'Missing service "{chk.service_id}" for check "{chk.id}"')
+        tagged, meta = str_map(field_of(body, "TaggedAddresses")), str_map(field_of(body, "NodeMeta"))
+        if not skip_node_update:
             self.store.ensure_node(
-                str(node),
-                str(address or (existing.address if existing else "")),
-                tagged=field_of(body, "TaggedAddresses"),
-                meta=field_of(body, "NodeMeta"),
-                node_id=str(field_of(body, "ID") or ""),
+                str(node), str(address), tagged=tagged, meta=meta, node_id=str(field_of(body, "ID") or "")
             )
         if svc is not None:
             self.store.upsert_service(svc)

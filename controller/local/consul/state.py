@@ -97,7 +97,7 @@ def _str_list(value: Any) -> list[str]:
     return list(value)
 
 
-def _str_map(value: Any) -> dict[str, str]:
+def str_map(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -776,7 +776,7 @@ def service_from_body(node: str, body: Mapping[str, Any], id_key: str = "ID", na
         tags=_str_list(field_of(body, "Tags")),
         address=str(field_of(body, "Address") or ""),
         port=port,
-        meta=_str_map(field_of(body, "Meta")),
+        meta=str_map(field_of(body, "Meta")),
         weights={
             "Passing": int(field_of(weights, "Passing", 1)),
             "Warning": int(field_of(weights, "Warning", 1)),

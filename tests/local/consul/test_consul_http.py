@@ -224,6 +224,13 @@ def test_errors_look_like_consul(server: ConsulServer) -> None:
     assert r.headers["content-type"].startswith("text/plain")
     r = httpx.put(f"{base}/v1/catalog/register", content=b"[1]")
     assert r.status_code == 400
+    # a check naming a service that does not exist: refused, and nothing of the request is applied
+    bad = {"Node": "half", "Address": "127.0.0.99", "Check": {"CheckID": "c", "ServiceID": "ghost"}}
+    r = httpx.put(f"{base}/v1/catalog/register", json=bad)
+    assert r.status_code == 400
+    assert "half" not in {n["Node"] for n in httpx.get(f"{base}/v1/catalog/nodes").json()}
+    r = httpx.put(f"{base}/v1/catalog/register", json={"Node": "no-address"})
+    assert (r.status_code, r.text) == (400, "Must provide address")
     # unknown service on deregister: 404 with Consul's hint (agent/agent_endpoint.go)
     r = httpx.put(f"{base}/v1/agent/service/deregister/ghost")
     assert r.status_code == 404
