@@ -47,9 +47,11 @@ class ConsulServer:
         self.dns_host, self.dns_port = dns_host, dns_port
         self.state_file = state_file
         self.tick_interval = tick_interval
+        # the agent's own node address: what agent-registered services without an Address resolve to
+        node_address = "127.0.0.1" if http_host in ("", "0.0.0.0", "::") else http_host
         self.store = Store(
             node_name=node_name,
-            node_address=http_host,
+            node_address=node_address,
             datacenter=datacenter,
             session_ttl_min=session_ttl_min,
         )
