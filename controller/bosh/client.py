@@ -151,6 +151,7 @@ class DirectorClient:
         self._sleep = sleep
         self._clock = clock
         self._draw = draw
+        self._director = self.config.director_url.rstrip("/")
         t = self.config.timeouts
         self._http = httpx.AsyncClient(
             base_url=self.config.director_url.rstrip("/"),
@@ -159,7 +160,6 @@ class DirectorClient:
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
             follow_redirects=False,  # a 302 to /tasks/:id is a task id, not a page to fetch
         )
-        self._director = self.config.director_url.rstrip("/")
         self._info: DirectorInfo | None = None
         self._token: _Token | None = None
         self._issued_tokens: list[str] = []  # recent ones, to scrub from messages
@@ -168,7 +168,14 @@ class DirectorClient:
     def _ssl_context(self) -> ssl.SSLContext:
         # Verification is always on; the CA bundle only chooses which roots to trust.
         if self.config.ca_cert is not None:
-            return ssl.create_default_context(cafile=str(self.config.ca_cert))
+            try:
+                return ssl.create_default_context(cafile=str(self.config.ca_cert))
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+                raise BoshError(
+                    f"the CA bundle {self.config.ca_cert} for the Director {self._director} "
+                    f"cannot be used: {reason}"
+                ) from None
         return ssl.create_default_context()
 
     async def aclose(self) -> None:

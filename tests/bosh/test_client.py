@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -312,6 +313,18 @@ def test_tls_verification_is_on_by_default_and_takes_a_ca_bundle(
     context = DirectorClient(config(ca_cert=bundle))._ssl_context()
     assert seen[-1] == str(bundle)
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def test_an_unusable_ca_bundle_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    with pytest.raises(
+        BoshError, match=re.escape(f"the CA bundle {missing} for the Director ") + ".* cannot be used"
+    ):
+        DirectorClient(config(ca_cert=missing))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(BoshError, match=re.escape(str(garbage))):
+        DirectorClient(config(ca_cert=garbage))
 
 
 # ---- deployments ---------------------------------------------------------------------------
