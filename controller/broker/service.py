@@ -214,10 +214,7 @@ class Broker:
             }
         )
 
-        existing = await self._cluster(instance_id)
-        if existing is not None:
-            return self._repeat_provision(existing, identity)
-
+        # Create first, look only on a conflict: one API call for the common case.
         operation = Operation(self._operation("provision"), "provision", generation=1, request=identity)
         labels = {
             naming.MANAGED_BY: naming.MANAGER,
@@ -249,10 +246,12 @@ class Broker:
                 resource_path(GROUP, VERSION, PLURAL, self.namespace), body_obj
             )
         except Conflict:
-            # Lost a race with an identical or a conflicting request for the same id.
+            # A repeat, a conflicting request for the same id, or one being deleted.
             existing = await self._cluster(instance_id)
             if existing is None:
-                raise concurrency_error("another operation on this instance is in progress") from None
+                raise BrokerError(
+                    409, "Conflict", "a cluster of this name exists for another instance or was just removed"
+                ) from None
             return self._repeat_provision(existing, identity)
         except Invalid as exc:
             raise BrokerError(400, "InvalidParameters", exc.message) from None

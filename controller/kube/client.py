@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 JSON = dict[str, Any]
+# Few connections: one API server, short calls. httpcore scans its whole pool for every
+# queued request, so a large pool under a burst costs more than it gains (benchmarks/broker).
+DEFAULT_MAX_CONNECTIONS = 10
+
+
 
 
 class KubeError(Exception):
@@ -102,6 +107,7 @@ class KubeClient:
         verify: bool | ssl.SSLContext = True,
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if isinstance(verify, ssl.SSLContext):
             tls: bool | ssl.SSLContext = verify
@@ -123,6 +129,7 @@ class KubeClient:
             verify=tls,
             timeout=timeout,
             transport=transport,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
 
     @classmethod
