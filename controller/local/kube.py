@@ -119,9 +119,13 @@ class LocalKubernetes(kmock.KubernetesEmulator):
         definition = crd.crd()
         self.objects[kmock.resource(CRD_RESOURCE), None, definition["metadata"]["name"]] = self._stamp(definition)
         for namespace in ("default", "kube-system"):
-            self.objects[kmock.resource("v1/namespaces"), None, namespace] = self._stamp(
-                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
-            )
+            self.add_namespace(namespace)
+
+    def add_namespace(self, name: str) -> None:
+        # kmock 0.8 parses POST /api/v1/namespaces as a namespaced path, so namespaces are seeded here.
+        self.objects[kmock.resource("v1/namespaces"), None, name] = self._stamp(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        )
 
     def _stamp(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj.setdefault("metadata", {})
@@ -370,7 +374,7 @@ class LocalKubernetes(kmock.KubernetesEmulator):
         }
 
 
-def _as_scale(payload: Any) -> Any:
+def _as_scale(payload: rendering.Payload) -> rendering.Payload:
     """The autoscaling/v1 Scale view of a PostgresCluster (the scale subresource)."""
     if not isinstance(payload, dict):
         return payload
