@@ -9,6 +9,7 @@ This module turns the one into the other and adds what Kubernetes has on top
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import yaml
@@ -129,6 +130,13 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def open_api_schema() -> dict[str, Any]:
+    """The CRD's openAPIV3Schema (a fresh copy: callers may change it)."""
+    return copy.deepcopy(cached_open_api_schema())
+
+
+@functools.cache
+def cached_open_api_schema() -> dict[str, Any]:
+    """Built once per process; shared, so never modify what this returns."""
     spec = model_schema(models.PostgresClusterSpec)
     spec["default"] = {}
     status = model_schema(models.PostgresClusterStatus)

@@ -10,6 +10,7 @@ functions added.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -87,8 +88,13 @@ def _path(parts: Any) -> str:
     return text
 
 
+@functools.cache
+def _validator() -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(crd.cached_open_api_schema())
+
+
 def _schema_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[FieldError]:
-    validator = jsonschema.Draft7Validator(schema)
+    validator = _validator() if schema is crd.cached_open_api_schema() else jsonschema.Draft7Validator(schema)
     errors = []
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
         path = _path(err.absolute_path)
@@ -192,7 +198,7 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, A
     Returns the defaulted object. Status is not validated against transition rules
     (it is written by pgbosh through the status subresource).
     """
-    schema = crd.open_api_schema()
+    schema = crd.cached_open_api_schema()
     name = str((obj.get("metadata") or {}).get("name", ""))
     defaulted = apply_defaults(schema, obj)
     errors = _unknown_fields(schema, defaulted, "")

@@ -99,7 +99,9 @@ async def run_dev(args: argparse.Namespace, stop: asyncio.Event) -> int:
     broker_host, broker_port = _listen(args.broker)
 
     async with contextlib.AsyncExitStack() as stack:
-        kube_api, kube_url = await stack.enter_async_context(serve_kube(kube_host, kube_port))
+        kube_api, kube_url = await stack.enter_async_context(
+            serve_kube(kube_host, kube_port, forget_served_requests=True)
+        )
         kube_api.add_namespace(SYSTEM_NAMESPACE)
         kubeconfig = home / "kubeconfig"
         write_kubeconfig(str(kubeconfig), kube_url)

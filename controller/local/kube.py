@@ -93,6 +93,9 @@ class LocalKubernetes(kmock.KubernetesEmulator):
     """The Kubernetes API pgbosh runs against on one machine and in its tests."""
 
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    # kmock records every request for test assertions, and matches reactions by scanning that
+    # record: a long-running API (pgbosh dev, benchmarks) forgets each request once it is served.
+    forget_served_requests: bool = False
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -247,7 +250,20 @@ class LocalKubernetes(kmock.KubernetesEmulator):
                 self.objects[request.resource, request.namespace, request.name].patch(
                     {"metadata": {"resourceVersion": str(next(self._versions))}}
                 )
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        finally:
+            if self.forget_served_requests:
+                self._forget(request)
+
+    def _forget(self, request: rendering.Request) -> None:
+        lists: list[list[rendering.Request]] = [self._requests]
+        lists += [payload._requests for payload in self._payloads]
+        for served in lists:
+            for i in range(len(served) - 1, -1, -1):
+                if served[i] is request:
+                    del served[i]
+                    break
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -475,9 +491,12 @@ def _selected(obj: dict[str, Any], selector: str) -> bool:
 
 
 @asynccontextmanager
-async def serve(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[tuple[LocalKubernetes, str]]:
+async def serve(
+    host: str = "127.0.0.1", port: int = 0, *, forget_served_requests: bool = False
+) -> AsyncIterator[tuple[LocalKubernetes, str]]:
     """Run the local Kubernetes API on a loopback port; yields it and its URL."""
-    async with LocalKubernetes() as api, kmock.Server(api, host=host, port=port or None) as server:
+    api_obj = LocalKubernetes(forget_served_requests=forget_served_requests)
+    async with api_obj as api, kmock.Server(api, host=host, port=port or None) as server:
         yield api, str(server.url).rstrip("/")
 
 
