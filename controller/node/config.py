@@ -25,6 +25,7 @@ from pydantic import (
 # so that they never need quoting tricks and never carry SQL.
 IDENTIFIER_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
 PARAMETER_NAME_PATTERN = r"^[a-z_][a-z0-9_.]{0,62}$"
+MAX_SOCKET_PATH = 107
 
 
 class ConfigError(Exception):
@@ -138,6 +139,17 @@ class AgentConfig(_Model):
     run_as: str = "postgres"
     peers: list[Peer] = Field(default_factory=list)
     jobs: list[Job] = Field(default_factory=list)
+
+    @field_validator("vm_dir")
+    @classmethod
+    def _socket_paths_fit(cls, value: Path) -> Path:
+        # Unix socket paths are limited to 107 bytes; PostgreSQL's is the longest.
+        longest = len(str(value).encode()) + len("/run/.s.PGSQL.65535")
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"vm_dir is too long for unix sockets ({longest} > {MAX_SOCKET_PATH} bytes for run/.s.PGSQL.<port>)"
+            )
+        return value
 
     @field_validator("jobs")
     @classmethod

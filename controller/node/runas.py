@@ -8,6 +8,7 @@ the PGPASSFILE named in the environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
@@ -116,9 +117,12 @@ class RunAs:
                 process.communicate(stdin_text.encode() if stdin_text is not None else None), time_limit
             )
         except TimeoutError:
-            process.kill()
-            await process.wait()
+            await _kill(process)
             raise CommandFailed(program, None, f"timed out after {time_limit:.0f} s") from None
+        except asyncio.CancelledError:
+            # A job stopped mid-clone must not leave repmgr/pg_basebackup running.
+            await _kill(process)
+            raise
         output = out.decode(errors="replace")
         if not quiet:
             for line in output.splitlines():
@@ -126,3 +130,10 @@ class RunAs:
         if check and process.returncode != 0:
             raise CommandFailed(program, process.returncode, output)
         return output
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()

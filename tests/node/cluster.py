@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,27 @@ REPLICATION_PASSWORD = "repl'pw:2"
 PORT = 5432
 
 
+def free_addresses(count: int) -> list[str]:
+    """Loopback addresses nobody listens on at PORT: test runs (yours, a colleague's,
+    CI's) may overlap, and a standby cloned from another run's primary is a mess."""
+    rng = random.Random()
+    for _ in range(50):
+        prefix = f"127.{rng.randint(202, 250)}.{rng.randint(1, 254)}"
+        addresses = [f"{prefix}.{10 + i}" for i in range(count)]
+        if all(_can_bind(address) for address in addresses):
+            return addresses
+    raise RuntimeError("no free loopback addresses found")
+
+
+def _can_bind(address: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, PORT))
+        except OSError:
+            return False
+    return True
+
+
 def make_base_dir() -> Path:
     """A directory the postgres user can traverse (pytest's tmp_path may sit in a 0700 home)."""
     base = Path(tempfile.mkdtemp(prefix="pgbosh-node-", dir="/var/tmp"))
@@ -34,7 +58,7 @@ def make_base_dir() -> Path:
     return base
 
 
-def properties() -> dict[str, Any]:
+def properties(repmgr: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "postgres": {
             "major_version": 15,
@@ -53,6 +77,7 @@ def properties() -> dict[str, Any]:
             "reconnect_interval": 5,
             "failover": "automatic",
             "priority_by_index": True,
+            **(repmgr or {}),
         },
         "consul": {"service": "pg-test", "http_addr": ""},
     }
@@ -66,6 +91,7 @@ class Node:
     generation: int = 0
     process: subprocess.Popen[bytes] | None = None
     peers: list[dict[str, Any]] = field(default_factory=list)
+    repmgr: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vm_dir(self) -> Path:
@@ -94,7 +120,7 @@ class Node:
             "persistent_disk": str(self.disk),
             "run_as": "postgres",
             "peers": self.peers,
-            "jobs": [{"name": "postgres", "properties": properties()}],
+            "jobs": [{"name": "postgres", "properties": properties(self.repmgr)}],
         }
 
     def start_agent(self) -> None:
@@ -190,6 +216,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
 
 
+def job_running(node: Node) -> bool:
+    return (node.status() or {}).get("job_state") == "running"
+
+
 def agent_log_tail(node: Node, lines: int = 40) -> str:
     text = ""
     for path in sorted(node.base.glob(f"vms/vm-{node.index}-*/agent.log")):
@@ -198,9 +228,10 @@ def agent_log_tail(node: Node, lines: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def running_cluster(addresses: list[str]) -> Iterator[list[Node]]:
+def running_cluster(size: int, repmgr: dict[str, Any] | None = None) -> Iterator[list[Node]]:
+    addresses = free_addresses(size)
     base = make_base_dir()
-    nodes = [Node(index=i, address=address, base=base) for i, address in enumerate(addresses)]
+    nodes = [Node(index=i, address=address, base=base, repmgr=repmgr or {}) for i, address in enumerate(addresses)]
     peers = [
         {
             "index": n.index,
@@ -218,7 +249,7 @@ def running_cluster(addresses: list[str]) -> Iterator[list[Node]]:
             node.start_agent()
         for node in nodes:
             try:
-                wait_for(lambda n=node: (n.status() or {}).get("job_state") == "running", 120, f"node {node.index}")
+                wait_for(functools.partial(job_running, node), 120, f"node {node.index}")
             except AssertionError as error:
                 raise AssertionError(f"{error}\n{agent_log_tail(node)}") from None
         yield nodes

@@ -88,7 +88,8 @@ def test_repmgr_conf_is_per_node() -> None:
     assert "node_name='uuid-1'" in text
     assert "conninfo='host=127.1.0.11 port=5432 user=repmgr dbname=repmgr connect_timeout=2'" in text
     assert "repmgrd_pid_file='/var/vcap/vm/run/repmgrd.pid'" in text
-    assert "location='z2'" in text
+    # Not the AZ: see pgconf.render_repmgr_conf (repmgrd would never fail over across AZs).
+    assert "location='default'" in text
     assert "priority=90\n" in text
     assert "failover='automatic'" in text
     assert "monitor_interval_secs=1\n" in text
@@ -143,3 +144,12 @@ def test_unknown_job_is_refused(tmp_path: Path) -> None:
 )
 def test_provisioning_plan(bootstrap: bool, initialized: bool, provisioned: bool, plan: Provisioning) -> None:
     assert plan_provisioning(bootstrap=bootstrap, initialized=initialized, provisioned=provisioned) is plan
+
+
+def test_vm_dir_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
+    data = agent_json()
+    data["vm_dir"] = "/var/vcap/" + "x" * 90
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="vm_dir is too long"):
+        load_agent_config(path)

@@ -1,0 +1,81 @@
+"""The replication set-up the agent writes lets repmgrd fail over when a VM dies.
+
+Failover tuning and the Consul hook belong to the HA work; this pins that the
+repmgr.conf (promote/follow commands, location, priorities, PGPASSFILE) works."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from controller.node.procinfo import pid_alive
+
+from .cluster import Node, agent_log_tail, running_cluster, wait_for
+
+pytestmark = pytest.mark.slow
+
+FAST_DETECTION = {"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnect_interval": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[Node]]:
+    with running_cluster(3, FAST_DETECTION) as nodes:
+        yield nodes
+
+
+def role(node: Node) -> str | None:
+    status = node.status()
+    return None if status is None else str(status["role"])
+
+
+def streaming_from(node: Node) -> list[str]:
+    with node.connect("postgres") as conn:
+        rows = conn.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'").fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def test_vm_death_promotes_the_highest_priority_standby(cluster: list[Node]) -> None:
+    old_primary, candidate, follower = cluster
+    with old_primary.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS notes (id serial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO notes (note) VALUES ('before failover')")
+    wait_for(lambda: len(streaming_from(old_primary)) == 2, 30, "2 standbys")
+
+    killed = time.monotonic()
+    old_primary.kill_agent()  # the VM's whole process group, postgres included
+    try:
+        wait_for(lambda: role(candidate) == "primary", 30, "node 1 promoted")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{(candidate.vm_dir / 'log' / 'repmgr.log').read_text()[-3000:]}") from None
+    promoted_after = time.monotonic() - killed
+    assert promoted_after < 20, promoted_after
+    assert role(follower) == "standby"
+    wait_for(lambda: streaming_from(candidate) == ["node-2"], 30, "node 2 follows node 1")
+    with candidate.connect() as conn:
+        conn.execute("INSERT INTO notes (note) VALUES ('after failover')")
+    wait_for(
+        lambda: (
+            {"before failover", "after failover"}
+            <= {str(r[0]) for r in follower.connect().execute("SELECT note FROM notes").fetchall()}
+        ),
+        30,
+        "rows on the follower",
+    )
+
+
+def test_former_primary_refuses_to_start_beside_the_new_primary(cluster: list[Node]) -> None:
+    old_primary, new_primary, _ = cluster
+    assert role(new_primary) == "primary"
+    old_primary.generation += 1  # the resurrected VM, on its old disk
+    old_primary.start_agent()
+    status = wait_for(
+        lambda: (s := old_primary.status()) is not None and s.get("job_state") == "failing" and s, 30, "refusal"
+    )
+    assert "refusing to start a second primary" in status["error"], agent_log_tail(old_primary)
+    assert new_primary.address in status["error"]
+    # The killed postmaster left its pid file behind; what matters is that none runs.
+    pid_file = old_primary.disk / "postgres" / "data" / "postmaster.pid"
+    assert not pid_file.exists() or not pid_alive(old_primary.postmaster_pid())
+    assert role(new_primary) == "primary"
