@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from controller.node.config import AgentConfig, ConfigError, load_agent_config
+from controller.node.config import AgentConfig, ConfigError, Peer, load_agent_config
 from controller.node.job import PostgresJob
 from controller.node.layout import NodeLayout
 from controller.node.procinfo import CpuSampler, process_figures, vitals
@@ -118,6 +119,17 @@ def _environment(layout: NodeLayout) -> dict[str, str]:
     return env
 
 
+def _current_peers(config_path: Path, started_with: AgentConfig) -> list[Peer]:
+    """The other peers as agent.json lists them now (the director rewrites it when
+    scaling); the start-up list if the file cannot be read."""
+    try:
+        config, _ = load_agent_config(config_path)
+    except ConfigError as error:
+        log.warning("keeping the previous peers: %s", error)
+        return started_with.other_peers()
+    return config.other_peers()
+
+
 async def run_agent(config_path: Path) -> int:
     config, props = load_agent_config(config_path)
     config.vm_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +146,7 @@ async def run_agent(config_path: Path) -> int:
     if props is not None:
         layout = NodeLayout.for_config(config, props.postgres.major_version)
         run_as = RunAs.lookup(config.run_as, cwd=config.vm_dir, env=_environment(layout))
-        job = PostgresJob(config, props, run_as)
+        job = PostgresJob(config, props, run_as, current_peers=functools.partial(_current_peers, config_path, config))
     agent = Agent(config, job)
 
     loop = asyncio.get_running_loop()
@@ -150,7 +162,7 @@ async def run_agent(config_path: Path) -> int:
     os.chmod(socket_path, 0o600)
     log.info("serving on %s", socket_path)
     try:
-        await agent.start_jobs()
+        # No job starts before the director's POST /jobs/start (docs/local-world.md).
         await agent.shutdown_requested.wait()
         log.info("shutting down")
         await agent.stop_jobs()

@@ -13,6 +13,7 @@ import enum
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -72,8 +73,16 @@ class PeerRole:
 
 
 class PostgresJob:
-    def __init__(self, config: AgentConfig, props: PostgresJobProperties, run_as: RunAs) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        props: PostgresJobProperties,
+        run_as: RunAs,
+        current_peers: Callable[[], list[Peer]] | None = None,
+    ) -> None:
         self.config = config
+        # The director rewrites agent.json's peers when the instance group scales.
+        self.current_peers = current_peers or config.other_peers
         self.props = props
         self.layout = NodeLayout.for_config(config, props.postgres.major_version)
         self.run_as = run_as
@@ -83,13 +92,16 @@ class PostgresJob:
         self.desired_running = False
         self.provisioning = False
         self.error: str | None = None
+        self._provisioned = False
         self._task: asyncio.Task[None] | None = None
 
     # --- public ------------------------------------------------------------------
     def start(self) -> None:
+        """Idempotent: a running or starting job is left alone."""
+        if self.desired_running and (self._provisioned or (self._task is not None and not self._task.done())):
+            return
         self.desired_running = True
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="postgres-job")
+        self._task = asyncio.create_task(self._run(), name="postgres-job")
 
     async def stop(self) -> None:
         """Drain: stop repmgrd first (no failover decisions while we go), then postgres fast."""
@@ -100,6 +112,7 @@ class PostgresJob:
                 await self._task
             self._task = None
         self.provisioning = False
+        self._provisioned = False
         for supervisor in reversed(self.supervisors):
             await supervisor.stop()
         # A postmaster we did not start (repmgr's pg_ctl) is stopped as well.
@@ -147,6 +160,7 @@ class PostgresJob:
                 continue
             self.error = None
             self.provisioning = False
+            self._provisioned = True
             return
 
     async def _provision_and_start(self) -> None:
@@ -349,7 +363,7 @@ class PostgresJob:
     async def find_primary_peer(self, *, registered: bool) -> Peer | None:
         """A writable peer; with `registered`, only one repmgr already knows as primary
         (a standby registers against that record)."""
-        results = await asyncio.gather(*(self._probe_peer(peer) for peer in self.config.other_peers()))
+        results = await asyncio.gather(*(self._probe_peer(peer) for peer in self.current_peers()))
         for result in results:
             if result is not None and result.writable and (result.registered or not registered):
                 return result.peer

@@ -140,6 +140,12 @@ class Node:
         )
         out.close()
 
+    def start_job(self) -> None:
+        """What the director does once the agent answers: POST /jobs/start."""
+        wait_for(self.status, 30, f"agent {self.index} answering")
+        state = self.request("POST", "/jobs/start")["job_state"]
+        assert state in ("starting", "running"), state
+
     def request(self, method: str, path: str, timeout: float = 10.0) -> dict[str, Any]:
         transport = httpx.HTTPTransport(uds=str(self.socket))
         with httpx.Client(transport=transport, base_url="http://agent", timeout=timeout) as client:
@@ -247,6 +253,8 @@ def running_cluster(size: int, repmgr: dict[str, Any] | None = None) -> Iterator
     try:
         for node in nodes:
             node.start_agent()
+        for node in nodes:
+            node.start_job()
         for node in nodes:
             try:
                 wait_for(functools.partial(job_running, node), 120, f"node {node.index}")

@@ -105,6 +105,12 @@ def test_new_agent_on_the_same_disk_brings_the_node_back(cluster: list[Node]) ->
     # Recreated VM: new VM directory, same persistent disk and address.
     standby.generation += 1
     standby.start_agent()
+    # The agent starts no job on its own: the director's POST /jobs/start does.
+    idle = wait_for(standby.status, 30, "new agent answering")
+    assert idle["job_state"] == "stopped"
+    assert [p["state"] for p in idle["processes"]] == ["stopped", "stopped"]
+    standby.start_job()
+    standby.start_job()  # idempotent
     started = time.monotonic()
     try:
         wait_for(lambda: (standby.status() or {}).get("job_state") == "running", 60, "recreated node running")

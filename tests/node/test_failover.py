@@ -70,6 +70,7 @@ def test_former_primary_refuses_to_start_beside_the_new_primary(cluster: list[No
     assert role(new_primary) == "primary"
     old_primary.generation += 1  # the resurrected VM, on its old disk
     old_primary.start_agent()
+    old_primary.start_job()
     status = wait_for(
         lambda: (s := old_primary.status()) is not None and s.get("job_state") == "failing" and s, 30, "refusal"
     )
