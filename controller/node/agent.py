@@ -178,6 +178,8 @@ async def run_agent(config_path: Path) -> int:
 def main_agent(config_path: Path) -> int:
     try:
         return asyncio.run(run_agent(config_path))
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:
+        # ValueError: run_as is not a usable user. Neither message carries a value
+        # of agent.json beyond names.
         print(f"pgbosh node agent: {error}", file=sys.stderr)
         return 2
