@@ -659,6 +659,9 @@ class Engine:
             if inst in plan.create:
                 plan.start.append(inst)
                 continue
+            if inst.state == "detached":
+                inst.vm_type = group.vm_type
+                continue  # no VM until someone asks for 'started'; it then gets the new spec
             if inst.disk_mb != group.disk_mb:
                 plan.disk_moves[inst.id] = self._migrate_disk(inst, group.disk_mb)
             inst.vm_type = group.vm_type
@@ -868,7 +871,7 @@ class Engine:
             status: dict[str, Any] | None = None
             if alive:
                 try:
-                    status = await self._agent(inst).status(limit=min(self.agent_timeout, 5.0))
+                    status = await self._agent(inst).status(limit=max(self.agent_timeout, 5.0))
                     rt.status, rt.last_ok = status, time.monotonic()
                 except AgentError:
                     status = None
@@ -951,7 +954,7 @@ class Engine:
             inst.pid, self._vm_dir(inst) / "agent.json")
         if alive:
             try:
-                rt.status = await self._agent(inst).status(limit=min(self.agent_timeout, 2.0))
+                rt.status = await self._agent(inst).status(limit=max(self.agent_timeout, 0.5))
                 rt.last_ok, rt.down_since = time.monotonic(), None
                 return
             except AgentError:

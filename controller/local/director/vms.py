@@ -134,6 +134,10 @@ async def kill_vm(agent_pid: int | None, vm_dir: Path | None, disk_dir: Path | N
     """Stop a VM's processes: SIGTERM the agent, SIGQUIT postmasters, then SIGKILL what is left."""
     markers = [str(p) for p in (vm_dir, disk_dir) if p is not None]
     pidfiles = [disk_dir / "postgres" / "data" / "postmaster.pid"] if disk_dir else []
+    if agent_pid and vm_dir is not None:
+        stat = _proc_stat(agent_pid)
+        if stat is not None and stat[0] not in ("Z", "X") and str(vm_dir / "agent.json") not in _cmdline(agent_pid):
+            agent_pid = None  # the pid now belongs to someone else: its session is not this VM's
     pids = vm_processes(agent_pid, markers, pidfiles)
     if not pids:
         return
