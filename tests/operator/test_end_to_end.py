@@ -62,7 +62,7 @@ class OperatorProcess:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        out = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its whole life
+        out = open(self.log, "ab")  # noqa: ASYNC230 - the child owns it for its whole life
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -168,7 +168,7 @@ async def test_apply_scale_with_a_killed_operator_and_delete(kube_api, kube: Kub
             reasons = {e["reason"] for e in events}
             assert {"Deploying", "TaskSucceeded"} <= reasons
 
-            code, out, err = await kubectl(kubeconfig, "delete", "pgc", "demo", "--wait=false")
+            code, _, err = await kubectl(kubeconfig, "delete", "pgc", "demo", "--wait=false")
             assert code == 0, err
 
             async def gone() -> bool:
