@@ -58,13 +58,13 @@ def make_base_dir() -> Path:
     return base
 
 
-def properties(repmgr: dict[str, Any] | None = None) -> dict[str, Any]:
+def properties(repmgr: dict[str, Any] | None = None, replication: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "postgres": {
             "major_version": 15,
             "port": PORT,
             "parameters": {"shared_buffers": "16MB", "max_connections": "40"},
-            "replication": {"mode": "async"},
+            "replication": replication or {"mode": "async"},
             "admin_user": ADMIN_USER,
             "admin_password": ADMIN_PASSWORD,
             "replication_password": REPLICATION_PASSWORD,
@@ -92,6 +92,7 @@ class Node:
     process: subprocess.Popen[bytes] | None = None
     peers: list[dict[str, Any]] = field(default_factory=list)
     repmgr: dict[str, Any] = field(default_factory=dict)
+    replication: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vm_dir(self) -> Path:
@@ -120,7 +121,7 @@ class Node:
             "persistent_disk": str(self.disk),
             "run_as": "postgres",
             "peers": self.peers,
-            "jobs": [{"name": "postgres", "properties": properties(self.repmgr)}],
+            "jobs": [{"name": "postgres", "properties": properties(self.repmgr, self.replication)}],
         }
 
     def start_agent(self) -> None:
@@ -234,10 +235,15 @@ def agent_log_tail(node: Node, lines: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def running_cluster(size: int, repmgr: dict[str, Any] | None = None) -> Iterator[list[Node]]:
+def running_cluster(
+    size: int, repmgr: dict[str, Any] | None = None, replication: dict[str, Any] | None = None
+) -> Iterator[list[Node]]:
     addresses = free_addresses(size)
     base = make_base_dir()
-    nodes = [Node(index=i, address=address, base=base, repmgr=repmgr or {}) for i, address in enumerate(addresses)]
+    nodes = [
+        Node(index=i, address=address, base=base, repmgr=repmgr or {}, replication=replication or {})
+        for i, address in enumerate(addresses)
+    ]
     peers = [
         {
             "index": n.index,
