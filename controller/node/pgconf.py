@@ -52,6 +52,9 @@ def render_postgresql_conf(
         "max_wal_senders": "10",
         "max_replication_slots": "10",
         "wal_keep_size": "128MB",
+        # repmgr uses slots; a standby that never comes back (VM deleted, instance
+        # scaled away) must not fill the primary's disk. Past this it needs a re-clone.
+        "max_slot_wal_keep_size": "2GB",
         "hot_standby_feedback": "on",
         "password_encryption": "scram-sha-256",
     }

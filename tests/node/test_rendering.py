@@ -72,6 +72,7 @@ def test_postgresql_conf_keeps_managed_settings_and_merges_preload() -> None:
     assert "shared_preload_libraries = 'repmgr,pg_stat_statements'" in conf
     assert "max_connections = '200'" in conf
     assert "wal_log_hints = 'on'" in conf
+    assert "max_slot_wal_keep_size = '2GB'" in conf
     assert "synchronous_standby_names" not in conf
 
 
