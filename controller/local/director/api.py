@@ -214,7 +214,7 @@ class DirectorApi:
 
     async def get_deployment(self, request: web.Request) -> web.Response:
         dep = self.engine.deployment(request.match_info["name"])
-        return _json({"manifest": dep.manifest})
+        return _json({"manifest": dep.manifest or None})  # null until a deploy succeeded, like the Director
 
     async def delete_deployment(self, request: web.Request) -> web.Response:
         task = self.engine.start_delete(request.match_info["name"], _context_id(request))

@@ -45,6 +45,7 @@ log = logging.getLogger("pgbosh.director")
 DEFAULT_RESURRECTION_DELAY = 2.0  # seconds an agent must be unresponsive before its VM is recreated
 DEFAULT_AGENT_TIMEOUT = 3.0  # seconds without an answer from a live agent before it is "unresponsive agent"
 DEFAULT_POLL_INTERVAL = 0.5  # supervision loop period
+RESURRECTION_BACKOFF_MAX = 60.0  # seconds between attempts for a VM that keeps failing to come back
 AGENT_BOOT_TIMEOUT = 60.0  # a new agent must answer GET /status within this
 AGENT_SHUTDOWN_TIMEOUT = 60.0  # POST /shutdown (drain) may take this long
 DEFAULT_RUN_AS = "postgres"
@@ -125,6 +126,8 @@ class VmRuntime:
     last_ok: float = 0.0
     down_since: float | None = None
     busy: int = 0  # >0 while a task creates, deletes or changes this VM
+    failed_fixes: int = 0  # resurrections in a row that did not bring the VM back
+    not_before: float = 0.0  # no new resurrection before this (backoff after failures)
 
 
 @dataclass
@@ -398,11 +401,17 @@ class Engine:
         return AgentClient(self._vm_dir(inst) / "agent.sock")
 
     # ---- manifests -------------------------------------------------------------------------
-    def _resolve(self, name: str, text: str, stored: dict[str, str]) -> tuple[mf.Deployment, dict[str, Any],
-                                                                              dict[str, str]]:
+    def _cloud_of(self, dep: DeploymentRecord) -> mf.Cloud:
+        """The cloud config a deployment was deployed with (the Director keeps that one too)."""
+        for rec in self.state.configs:
+            if rec.id == dep.cloud_config_id:
+                return mf.Cloud.parse(rec.content)
+        return self.cloud()[0]
+
+    def _resolve(self, name: str, text: str, stored: dict[str, str],
+                 cloud: mf.Cloud | None = None) -> tuple[mf.Deployment, dict[str, Any], dict[str, str]]:
         doc = mf.load_yaml(text)
-        cloud, _ = self.cloud()
-        parsed = mf.parse(doc, cloud)
+        parsed = mf.parse(doc, cloud or self.cloud()[0])
         if parsed.name != name:
             raise errors.ValidationInvalidValue(f"Deployment name '{parsed.name}' does not match '{name}'")
         values = mf.resolve_variables(parsed, doc, stored)
@@ -432,13 +441,15 @@ class Engine:
         return _digest({"jobs": jobs, "vm_type": inst.vm_type, "az": inst.az, "disk_mb": inst.disk_mb})
 
     def _stored_jobs(self, dep: DeploymentRecord, group: str) -> list[dict[str, Any]]:
-        _, resolved, _ = self._resolve(dep.name, dep.manifest, self.variables.get(dep.name, {}))
+        _, resolved, _ = self._resolve(dep.name, dep.config_manifest, self.variables.get(dep.name, {}),
+                                       self._cloud_of(dep))
         return self._group_jobs(resolved, group)
 
     def diff(self, name: str, text: str) -> dict[str, Any]:
         doc = mf.load_yaml(text)
         old = self.state.deployments.get(name)
-        before = yaml.safe_dump(mf.load_yaml(old.manifest), sort_keys=False).splitlines() if old else []
+        before = yaml.safe_dump(mf.load_yaml(old.manifest), sort_keys=False).splitlines() if old and old.manifest \
+            else []
         after = yaml.safe_dump(doc, sort_keys=False).splitlines()
         lines: list[list[Any]] = []
         for line in difflib.ndiff(before, after):
@@ -587,9 +598,9 @@ class Engine:
         _, cloud_id = self.cloud()
         dep = self.state.deployments.get(name)
         if dep is None:
-            dep = DeploymentRecord(name=name, manifest=text, slot=self._free_slot(), cloud_config_id=cloud_id)
+            dep = DeploymentRecord(name=name, manifest="", slot=self._free_slot(), cloud_config_id=cloud_id)
             self.state.deployments[name] = dep
-        dep.manifest, dep.cloud_config_id = text, cloud_id
+        dep.applied_manifest, dep.cloud_config_id = text, cloud_id
         dep.releases = [{"name": n, "version": v} for n, v in parsed.releases]
         dep.stemcells = [{"name": n, "version": v} for n, v in parsed.stemcells]
         self.variables[name] = values
@@ -626,6 +637,7 @@ class Engine:
                 if inst not in plan.recreate and inst not in plan.create:
                     self._rewrite_agent_config(dep, inst, jobs)
             await self._update_group(dep, group, plan, jobs, out)
+        dep.manifest = text
         self.save()
         return f"/deployments/{name}"
 
@@ -790,7 +802,7 @@ class Engine:
         inst = next((i for i in dep.instances if i.id == inst_id), None)
         if inst is None:
             raise errors.InstanceNotFound(f"Instance '{inst_id}' of '{name}' doesn't exist")
-        parsed = mf.parse(mf.load_yaml(dep.manifest), self.cloud()[0])
+        parsed = mf.parse(mf.load_yaml(dep.config_manifest), self._cloud_of(dep))
         group = next((g for g in parsed.groups if g.name == inst.group), None)
         watch = group.update.update_watch_time if group else mf.WatchTime(1000, 120000)
         jobs = self._stored_jobs(dep, inst.group)
@@ -941,7 +953,8 @@ class Engine:
     def _due(self, inst: InstanceRecord) -> bool:
         rt = self.runtime.get(inst.id)
         return (rt is not None and not rt.busy and rt.down_since is not None
-                and time.monotonic() - rt.down_since >= self.resurrection_delay)
+                and time.monotonic() - rt.down_since >= self.resurrection_delay
+                and time.monotonic() >= rt.not_before)
 
     def _submit_scan_and_fix(self, name: str, inst_ids: list[str]) -> None:
         async def work(_: TaskRecord, out: TaskOutput) -> str:
@@ -972,7 +985,7 @@ class Engine:
         insts = [i for i in dep.instances if i.id in inst_ids and i.vm_cid]
         stage = out.stage("Applying problem resolutions", len(insts))
         jobs_by_group = {g: self._stored_jobs(dep, g) for g in {i.group for i in insts}}
-        parsed = mf.parse(mf.load_yaml(dep.manifest), self.cloud()[0])
+        parsed = mf.parse(mf.load_yaml(dep.config_manifest), self._cloud_of(dep))
         watch = {g.name: g.update.update_watch_time for g in parsed.groups}
 
         async def fix(inst: InstanceRecord) -> None:
@@ -983,6 +996,13 @@ class Engine:
                 await self._create_vm(dep, inst, jobs_by_group[inst.group], out)
                 if inst.state == "started":
                     await self._start_jobs(inst, watch.get(inst.group, mf.WatchTime(1000, 120000)), out)
+                rt.failed_fixes = 0
+            except BaseException:
+                # Back off so a VM that cannot come up does not spin the resurrector.
+                rt.failed_fixes += 1
+                rt.not_before = time.monotonic() + min(RESURRECTION_BACKOFF_MAX,
+                                                       self.resurrection_delay * 2 ** rt.failed_fixes)
+                raise
             finally:
                 rt.busy -= 1
 

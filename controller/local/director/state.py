@@ -48,6 +48,14 @@ class DeploymentRecord:
     releases: list[dict[str, str]] = field(default_factory=list)
     stemcells: list[dict[str, str]] = field(default_factory=list)
     instances: list[InstanceRecord] = field(default_factory=list)
+    # What the VMs are configured from (set when a deploy starts); `manifest` is the last
+    # one that deployed successfully, so a failed deploy is retried by a client that
+    # compares manifests.
+    applied_manifest: str = ""
+
+    @property
+    def config_manifest(self) -> str:
+        return self.applied_manifest or self.manifest
 
     def group(self, group: str) -> list[InstanceRecord]:
         return sorted((i for i in self.instances if i.group == group), key=lambda i: i.index)

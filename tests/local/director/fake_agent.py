@@ -33,6 +33,10 @@ class FakeAgent:
         self.done = asyncio.Event()
 
     def _spawn(self) -> None:
+        props = self.config["jobs"][0]["properties"] if self.config["jobs"] else {}
+        if props.get("fake", {}).get("fail"):  # a job that exits at once, forever failing
+            self.child = subprocess.Popen(["true"])
+            return
         self.child = subprocess.Popen(["sleep", "infinity"])
         self.started_at = time.time()
 
@@ -91,6 +95,8 @@ class FakeAgent:
 
 
 async def main(config: dict[str, Any]) -> None:
+    if (Path(config["persistent_disk"]) / "data" / "crash").exists():
+        raise SystemExit("crash marker on the disk: this VM cannot boot")
     agent = FakeAgent(config)
     app = web.Application()
     app.router.add_get("/status", agent.status)

@@ -303,3 +303,23 @@ async def test_job_state_routes_validate_like_the_director(fake_world):
     assert per.status_code == 200
     rows = await client.vms("states")
     assert rows[0]["resurrection_paused"] is True
+
+
+async def test_a_failed_deploy_reports_the_instance_and_keeps_the_last_good_manifest(fake_world):
+    _, client = fake_world
+    good = manifest("flaky", instances=1)
+    assert (await client.deploy(good))["state"] == "done"
+    doc = yaml.safe_load(good)
+    doc["update"].update({"canary_watch_time": "100-1500", "update_watch_time": "100-1500"})
+    doc["instance_groups"][0]["jobs"][0]["properties"]["fake"] = {"fail": True}
+    task = await client.deploy(yaml.safe_dump(doc))
+    assert task["state"] == "error"
+    assert "is not running after update" in task["result"] and "postgres/" in task["result"]
+    events = await client.events(task["id"])
+    failed = [e for e in events if e.get("state") == "failed"]
+    assert failed and failed[0]["stage"] == "Updating instance" and failed[0]["data"]["error"] == task["result"]
+    assert events[-1]["error"] == {"code": 400007, "message": task["result"]}
+    # GET still shows the last manifest that deployed, so a client comparing manifests retries
+    assert (await client.req("GET", "/deployments/flaky")).json() == {"manifest": good}
+    assert (await client.deploy(good))["state"] == "done"
+    assert running(await client.vms("flaky"), 1)

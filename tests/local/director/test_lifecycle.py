@@ -220,3 +220,21 @@ async def test_restart_adopts_live_vms_and_recreates_dead_ones(short_tmp):
         assert [len(boots(third, r)) for r in final] == [2, 2, 2]
         resp = await client3.req("DELETE", "/deployments/survivor")
         assert (await client3.wait(await client3.task_of(resp)))["state"] == "done"
+
+
+async def test_a_vm_that_cannot_come_back_is_retried_with_backoff(fake_world):
+    director, client = fake_world
+    doc = __import__("yaml").safe_load(manifest("stubborn", instances=1))
+    doc["update"].update({"canary_watch_time": "100-800", "update_watch_time": "100-800"})
+    assert (await client.deploy(__import__("yaml").safe_dump(doc)))["state"] == "done"
+    [row] = await client.vms("stubborn")
+    (director.engine.vm_root / "disks" / row["disk_cid"] / "data" / "crash").touch()  # the agent will not boot
+    os.kill(agent_pid(director, row), signal.SIGKILL)
+    await asyncio.sleep(8)
+    scans = [t for t in (await client.req("GET", "/tasks", params={"verbose": "2", "deployment": "stubborn"})).json()
+             if t["description"] == "scan and fix"]
+    # delay 0.5 s, then 1, 2, 4 s of backoff: about 4 attempts, where no backoff would have made 10 or more
+    assert 2 <= len(scans) <= 5, scans
+    assert all(t["state"] in ("error", "processing", "queued") for t in scans)
+    (director.engine.vm_root / "disks" / row["disk_cid"] / "data" / "crash").unlink()
+    await client.wait_for("stubborn", lambda r: running(r, 1), limit=30)
