@@ -129,6 +129,7 @@ class DirectorApi:
         r.add_get("/tasks", self.list_tasks)
         r.add_get("/tasks/{id}", self.get_task)
         r.add_get("/tasks/{id}/output", self.task_output)
+        r.add_delete("/task/{id}", self.cancel_task)
         r.add_get("/locks", self.locks)
         r.add_get("/configs", self.list_configs)
         r.add_post("/configs", self.post_config)
@@ -327,6 +328,14 @@ class DirectorApi:
 
     async def get_task(self, request: web.Request) -> web.Response:
         return _json(self.engine.task_record(self._task_id(request)).to_api())
+
+    async def cancel_task(self, request: web.Request) -> web.Response:
+        """task_controller.rb `delete '/:id'`: 204, or 400 with a text body when it cannot be cancelled."""
+        task_id = self._task_id(request)
+        if self.engine.cancel_task(task_id):
+            return web.Response(status=204)
+        state = self.engine.task_record(task_id).state
+        return web.Response(status=400, text=f"Cannot cancel task {task_id}: invalid state ({state})")
 
     async def task_output(self, request: web.Request) -> web.Response:
         """tasks_controller.rb `get '/:id/output'`: text/plain, 204 when empty, byte ranges with 206/416."""

@@ -336,7 +336,13 @@ class Engine:
         dep_lock = self.locks.setdefault(rec.deployment or "", asyncio.Lock()) if lock else None
         try:
             if dep_lock:
-                await dep_lock.acquire()
+                try:
+                    await dep_lock.acquire()
+                except asyncio.CancelledError:
+                    rec.state, rec.result = "cancelled", "Task was cancelled while queued"
+                    if self._stopping:
+                        raise
+                    return
                 assert rec.deployment is not None
                 self.lock_holders[rec.deployment] = rec.id
             try:
@@ -354,8 +360,11 @@ class Engine:
                 out.error(100, str(exc))
                 rec.state, rec.result = "error", str(exc)
             except asyncio.CancelledError:
-                rec.state, rec.result = "cancelled", "Task was cancelled: the director is stopping"
-                raise
+                rec.state = "cancelled"
+                rec.result = "Task was cancelled" + (": the director is stopping" if self._stopping else "")
+                out.debug(f"Task {rec.id} cancelled")
+                if self._stopping:
+                    raise
             except Exception as exc:
                 log.exception("task %s failed", rec.id)
                 out.error(100, f"{type(exc).__name__}: {exc}")
@@ -368,6 +377,17 @@ class Engine:
         finally:
             self._update_task(rec)
             self.running.pop(rec.id, None)
+
+    def cancel_task(self, task_id: int) -> bool:
+        """task_controller.rb: only a queued or processing task can be cancelled."""
+        rec = self.task_record(task_id)
+        runner = self.running.get(task_id)
+        if rec.state not in ("queued", "processing") or runner is None:
+            return False
+        rec.state = "cancelling"
+        self._update_task(rec)
+        runner.cancel()
+        return True
 
     def locks_view(self) -> list[dict[str, Any]]:
         timeout = f"{time.time() + 60:.6f}"

@@ -51,6 +51,7 @@ async def running_director(state_dir: Path, **kw: object) -> AsyncIterator[tuple
 def short_tmp() -> Iterator[Path]:
     """A short directory: VM socket paths must fit in 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="pgbd-", dir="/tmp"))
+    path.chmod(0o755)  # so the default vm root stays inside it (the postgres user can traverse it)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -323,3 +323,19 @@ async def test_a_failed_deploy_reports_the_instance_and_keeps_the_last_good_mani
     assert (await client.req("GET", "/deployments/flaky")).json() == {"manifest": good}
     assert (await client.deploy(good))["state"] == "done"
     assert running(await client.vms("flaky"), 1)
+
+
+async def test_cancel_a_queued_task(fake_world):
+    """task_controller.rb: DELETE /task/:id -> 204; a finished task -> 400 with a text body."""
+    _, client = fake_world
+    first = await client.task_of(await client.req("POST", "/deployments", content=manifest("cancel", instances=1),
+                                                  headers={"Content-Type": "text/yaml"}))
+    second = await client.task_of(await client.req("POST", "/deployments", content=manifest("cancel", instances=2),
+                                                   headers={"Content-Type": "text/yaml"}))
+    resp = await client.req("DELETE", f"/task/{second}")
+    assert resp.status_code == 204
+    assert (await client.wait(second))["state"] == "cancelled"
+    assert (await client.wait(first))["state"] == "done"
+    late = await client.req("DELETE", f"/task/{first}")
+    assert late.status_code == 400 and late.text == f"Cannot cancel task {first}: invalid state (done)"
+    assert len(await client.vms("cancel")) == 1
