@@ -43,8 +43,11 @@ async def running_operator(url: str, director: Director, **kwargs: Any) -> Async
 
     stop = asyncio.Event()
     ready = asyncio.Event()
+    # The operator-core tests use a Director double whose VMs do not exist: no node probes, no Consul.
+    kwargs.setdefault("probe_nodes", False)
+    bosh = BoshConfig(consul_http_addr=kwargs.pop("consul_http_addr", ""))
     task = asyncio.create_task(
-        run(KubeConnection(server=url), BoshConfig(), director=director, stop_flag=stop, ready_flag=ready, **kwargs)
+        run(KubeConnection(server=url), bosh, director=director, stop_flag=stop, ready_flag=ready, **kwargs)
     )
     done, _ = await asyncio.wait([task, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
     if task in done:

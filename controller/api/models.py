@@ -379,6 +379,9 @@ class PostgresClusterStatus(_Model):
     endpoint: Endpoint | None = None
     credentials_secret: Annotated[str | None, Field(default=None, alias="credentialsSecret")]
     last_deployed_generation: Annotated[int | None, Field(default=None, alias="lastDeployedGeneration")]
+    fenced: list[str] = Field(
+        default_factory=list, description="Instances pgbosh stopped because they accepted writes beside the primary."
+    )
     failed_attempt: Annotated[
         str | None,
         Field(

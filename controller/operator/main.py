@@ -19,6 +19,8 @@ import kopf
 from controller.bosh.client import DirectorClient
 from controller.bosh.config import BoshConfig, Secret
 from controller.bosh.types import Director
+from controller.consul.publisher import ConsulPublisher
+from controller.consul.types import PrimaryPublisher
 from controller.kube.client import KubeClient, NotFound
 from controller.operator import handlers
 from controller.operator.reconcile import Runtime
@@ -84,6 +86,9 @@ async def run(
     resync_seconds: float = 60.0,
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
+    publisher: PrimaryPublisher | None = None,
+    consul_token: str | None = None,
+    probe_nodes: bool = True,
 ) -> None:
     """Run kopf until `stop_flag` is set (or forever)."""
     global _CONNECTION
@@ -92,14 +97,24 @@ async def run(
         connection.server, token=connection.token, ca_file=connection.ca_file, verify=not connection.insecure
     )
     own_director: DirectorClient | None = None
+    own_publisher: ConsulPublisher | None = None
     try:
         if director_secret is not None:
             bosh = await bosh_config_from_secret(kube, director_secret[0], director_secret[1], bosh)
         if director is None:
             own_director = DirectorClient(bosh)
             director = own_director
+        if publisher is None and bosh.consul_http_addr:
+            own_publisher = ConsulPublisher(bosh.consul_http_addr, token=consul_token)
+            publisher = own_publisher
         handlers.RUNTIME = Runtime(
-            kube=kube, director=director, bosh=bosh, post_event=handlers.post_event, resync_seconds=resync_seconds
+            kube=kube,
+            director=director,
+            bosh=bosh,
+            post_event=handlers.post_event,
+            resync_seconds=resync_seconds,
+            publisher=publisher,
+            probe_nodes=probe_nodes,
         )
         await kopf.operator(
             standalone=True,
@@ -111,4 +126,6 @@ async def run(
         handlers.RUNTIME = None
         if own_director is not None:
             await own_director.aclose()
+        if own_publisher is not None:
+            await own_publisher.close()
         await kube.aclose()

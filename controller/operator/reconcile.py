@@ -31,10 +31,23 @@ from controller.bosh.manifest import (
     manifests_equal,
     render_manifest,
 )
-from controller.bosh.types import CloudConfig, Director, Task
+from controller.bosh.types import CloudConfig, Director, JobStateRequest, Task
+from controller.consul.types import Member, PrimaryPublisher, Published
 from controller.kube.client import KubeClient, NotFound, core_path, resource_path
+from controller.pg.probe import PsycopgProbe, probe_all
+from controller.pg.types import NodeState
 from controller.reconcile import planner
-from controller.reconcile.planner import DeleteDeployment, Deploy, Observed, Plan, SetResurrection
+from controller.reconcile.planner import (
+    DeleteDeployment,
+    Deploy,
+    Fence,
+    Observed,
+    Plan,
+    PublishPrimary,
+    SetResurrection,
+    StartJob,
+    WithdrawService,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +72,8 @@ class Runtime:
     post_event: EventSink
     resync_seconds: float = 60.0
     cloud_config_ttl: float = 30.0
+    publisher: PrimaryPublisher | None = None
+    probe_nodes: bool = True
     memory: dict[str, ClusterMemory] = field(default_factory=dict)
     _cloud: tuple[float, CloudConfig] | None = None
 
@@ -123,6 +138,34 @@ async def ensure_credentials(
     return secret_name, data
 
 
+async def _probe_nodes(
+    rt: Runtime,
+    status: PostgresClusterStatus,
+    instances: tuple[Any, ...] | None,
+    credentials: dict[str, str],
+) -> list[NodeState] | None:
+    if not rt.probe_nodes:
+        return None
+    if instances is not None:
+        addresses = [i.ips[0] for i in instances if i.ips]
+    else:
+        addresses = [i.address for i in status.instances if i.address]
+    if not addresses:
+        return None
+    probe = PsycopgProbe(credentials.get("username", rt.bosh.admin_user), credentials["password"])
+    return await probe_all(probe, addresses, rt.bosh.postgres_port)
+
+
+async def _published(rt: Runtime, service: str) -> Published | None:
+    if rt.publisher is None:
+        return None
+    try:
+        return await rt.publisher.published(service)
+    except Exception as exc:  # Consul down must not stop BOSH reconciliation
+        log.warning("cannot read Consul's records of %s: %s", service, exc)
+        return None
+
+
 def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -171,7 +214,13 @@ async def gather(
         deployed_text = await rt.director.deployed_manifest(deployment)
         if deleting:
             mem.director_failures = 0
-            return Observed(**base, task=task, task_progress=progress, deployed=deployed_text is not None), manifest
+            consul = service if rt.publisher is not None else None
+            return (
+                Observed(
+                    **base, task=task, task_progress=progress, deployed=deployed_text is not None, consul_service=consul
+                ),
+                manifest,
+            )
         cloud = await rt.cloud_config()
         spec_errors = tuple(check_against_cloud_config(spec, cloud, rt.bosh))
         template = render_manifest(namespace, name, spec, rt.bosh)
@@ -180,8 +229,13 @@ async def gather(
         instances = None
         if deployed_text is not None and (task is None or task.finished):
             instances = tuple(await rt.director.instances(deployment))
+        nodes = await _probe_nodes(rt, status, instances, credentials) if deployed_text is not None else None
+        published = await _published(rt, service) if nodes else None
         observed = Observed(
             **base,
+            nodes=tuple(nodes) if nodes is not None else None,
+            published=published,
+            consul_service=service if rt.publisher is not None else None,
             spec_errors=spec_errors,
             desired_hash=_hash(template),
             deployed=deployed_text is not None,
@@ -236,6 +290,35 @@ async def execute(rt: Runtime, body: dict[str, Any], result: Plan, manifest: str
             await rt.director.set_resurrection(
                 result.status.deployment or "", rt.bosh.instance_group, action.instance_id, paused=action.paused
             )
+        elif isinstance(action, PublishPrimary):
+            if rt.publisher is not None:
+                service = consul_service_name(meta["namespace"], meta["name"], rt.bosh)
+                port = rt.bosh.postgres_port
+                await rt.publisher.publish(
+                    service,
+                    Member(action.primary, port) if action.primary else None,
+                    [Member(address, port) for address in action.replicas],
+                )
+        elif isinstance(action, Fence | StartJob):
+            state: JobStateRequest = "stopped" if isinstance(action, Fence) else "started"
+            task_id = await rt.director.change_job_state(
+                result.status.deployment or "", rt.bosh.instance_group, action.instance_id, state, context_id=ctx
+            )
+            result.status.bosh_task = models.BoshTaskStatus.model_validate(
+                {
+                    "id": task_id,
+                    "state": "queued",
+                    "description": f"{state} instance",
+                    "startedAt": models.now_rfc3339(),
+                }
+            )
+        elif isinstance(action, WithdrawService):
+            if rt.publisher is not None:
+                try:
+                    await rt.publisher.withdraw(action.service)
+                except Exception as exc:
+                    log.warning("cannot remove %s from Consul: %s", action.service, exc)
+            continue
         # Record what was started before anything waits on it.
         await rt.kube.merge_patch(cluster_path(meta["namespace"], meta["name"], "status"), status_patch(result.status))
 

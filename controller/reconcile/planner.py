@@ -21,6 +21,7 @@ from controller.api.models import (
     set_condition,
 )
 from controller.bosh.types import Instance, Task
+from controller.consul.types import Published
 from controller.pg.types import NodeState
 
 # Seconds until the next look, by situation. Named so that they can be tuned and tested.
@@ -52,7 +53,35 @@ class SetResurrection:
     paused: bool
 
 
-Action = Deploy | DeleteDeployment | SetResurrection
+@dataclass(frozen=True)
+class PublishPrimary:
+    """Point `master.<service>` at the primary and `replica.<service>` at the standbys."""
+
+    primary: str | None
+    replicas: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Stop the job of a node that accepts writes but is not the primary."""
+
+    instance_id: str
+    address: str
+
+
+@dataclass(frozen=True)
+class StartJob:
+    """Start a fenced node's job again: its agent rejoins it as a replica of the primary."""
+
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class WithdrawService:
+    service: str
+
+
+Action = Deploy | DeleteDeployment | SetResurrection | PublishPrimary | Fence | StartJob | WithdrawService
 
 
 @dataclass(frozen=True)
@@ -87,6 +116,9 @@ class Observed:
     nodes: tuple[NodeState, ...] | None = None
     endpoint_host: str | None = None
     redeploy_token: str = ""
+    # What Consul publishes for the cluster now (None: not asked, or no Consul).
+    published: Published | None = None
+    consul_service: str | None = None
 
 
 @dataclass
@@ -184,7 +216,9 @@ def plan(spec: PostgresClusterSpec, observed: Observed) -> Plan:
         )
         if first:
             b.condition(COND_READY, "False", "Provisioning", "The VMs are being created; see Progressing.")
-        return b.plan(requeue_after=POLL_TASK_SECONDS)
+        # Consul follows the primary even while BOSH works; fencing waits for the task.
+        ha_actions, _ = _plan_primary(b, observed, allow_bosh=False) if not first else ([], None)
+        return b.plan(actions=ha_actions, requeue_after=POLL_TASK_SECONDS)
 
     recorded = observed.status.bosh_task
     if task is not None and recorded is not None and recorded.id == task.id and recorded.state != task.state:
@@ -235,7 +269,78 @@ def plan(spec: PostgresClusterSpec, observed: Observed) -> Plan:
         if instance.resurrection_paused == spec.resurrection:
             actions.append(SetResurrection(instance.id, paused=not spec.resurrection))
     requeue = _derive_readiness(b, spec, observed)
+    ha_actions, ha_requeue = _plan_primary(b, observed)
+    actions += ha_actions
+    if ha_requeue is not None:
+        requeue = ha_requeue if requeue is None else min(requeue, ha_requeue)
     return b.plan(actions=actions, requeue_after=requeue)
+
+
+FAILOVER_POLL_SECONDS = 1.0
+
+
+def _plan_primary(b: _Builder, observed: Observed, allow_bosh: bool = True) -> tuple[list[Action], float | None]:
+    """The primary, Consul's records, fencing and healing, from the nodes' own answers."""
+    if not observed.nodes:
+        return [], None
+    actions: list[Action] = []
+    instances = observed.instances or ()
+    by_address = {inst.ips[0]: inst for inst in instances if inst.ips}
+    primary = choose_primary(observed.nodes)
+    if primary is None:
+        if allow_bosh:
+            message = (
+                "No node accepts writes: repmgr is promoting a replica, and pgbosh moves "
+                f"master.{observed.consul_service or '<service>'} to it as soon as it is writable."
+            )
+            b.phase(Phase.FAILING_OVER, message)
+            b.condition(COND_READY, "False", "NoPrimary", message)
+        return [], FAILOVER_POLL_SECONDS
+    # Any other node that accepts writes is a stale primary: it must stop before clients
+    # that still hold its address write to it.
+    for node in observed.nodes if allow_bosh else ():
+        if node.writable and node.address != primary.address:
+            inst = by_address.get(node.address)
+            if inst is not None and inst.name not in b.status.fenced:
+                actions.append(Fence(inst.id, node.address))
+                b.status.fenced = [*b.status.fenced, inst.name]
+                b.events.append(
+                    Event(
+                        "Warning",
+                        "Fenced",
+                        f"{inst.name} ({node.address}) accepts writes on timeline {node.timeline} while "
+                        f"{by_address[primary.address].name if primary.address in by_address else primary.address} "
+                        f"is the primary on timeline {primary.timeline}: its job is stopped",
+                    )
+                )
+    # A fenced node whose job is stopped comes back as a replica.
+    still_fenced = []
+    for name in b.status.fenced if allow_bosh else ():
+        inst = next((i for i in instances if i.name == name), None)
+        if inst is None:
+            continue
+        member = next((n for n in observed.nodes if inst.ips and n.address == inst.ips[0]), None)
+        if inst.job_state == "stopped" and not any(isinstance(a, Fence) and a.instance_id == inst.id for a in actions):
+            actions.append(StartJob(inst.id))
+            b.events.append(Event("Normal", "Rejoining", f"Starting {name} again to rejoin as a replica"))
+            still_fenced.append(name)
+        elif member is not None and member.reachable and member.in_recovery:
+            continue  # rejoined: no longer fenced
+        else:
+            still_fenced.append(name)
+    if allow_bosh:
+        b.status.fenced = still_fenced
+    if observed.consul_service and observed.published is not None:
+        replicas = tuple(sorted(n.address for n in observed.nodes if n.reachable and n.in_recovery))
+        current_master = tuple(m.address for m in observed.published.primary)
+        current_replicas = tuple(sorted(m.address for m in observed.published.replicas))
+        if current_master != (primary.address,) or current_replicas != replicas:
+            actions.append(PublishPrimary(primary.address, replicas))
+            if current_master and current_master != (primary.address,):
+                b.events.append(
+                    Event("Normal", "PrimaryPublished", f"master.{observed.consul_service} now names {primary.address}")
+                )
+    return actions, (FAILOVER_POLL_SECONDS if actions else None)
 
 
 def _observe_instances(b: _Builder, spec: PostgresClusterSpec, observed: Observed) -> None:
@@ -343,7 +448,8 @@ def _plan_delete(b: _Builder, observed: Observed) -> Plan:
         b.events.append(Event("Normal", "Deleting", f"Deleting BOSH deployment {observed.deployment}"))
         return b.plan(actions=[DeleteDeployment(observed.deployment)], requeue_after=POLL_TASK_SECONDS)
     b.events.append(Event("Normal", "Deleted", f"BOSH deployment {observed.deployment} is gone"))
-    return b.plan(deleted=True)
+    withdraw: list[Action] = [WithdrawService(observed.consul_service)] if observed.consul_service else []
+    return b.plan(actions=withdraw, deleted=True)
 
 
 __all__ = [
@@ -352,9 +458,13 @@ __all__ = [
     "DeleteDeployment",
     "Deploy",
     "Event",
+    "Fence",
     "Observed",
     "Plan",
+    "PublishPrimary",
     "SetResurrection",
+    "StartJob",
+    "WithdrawService",
     "choose_primary",
     "plan",
 ]

@@ -26,6 +26,7 @@ import pytest
 from conftest import ROOT, eventually, kubectl
 
 from controller.kube.client import KubeClient, NotFound, core_path, resource_path
+from controller.local.consul import ConsulServer
 from controller.local.director import LocalDirector
 from controller.local.director.vms import kill_vm
 
@@ -56,9 +57,10 @@ async def local_director() -> AsyncIterator[LocalDirector]:
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: str, log: Path) -> None:
+    def __init__(self, kubeconfig: str, log: Path, consul_http: str) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
+        self.env = {**os.environ, "PGBOSH_BOSH_CONSUL_HTTP_ADDR": consul_http}
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -79,6 +81,7 @@ class OperatorProcess:
             stdout=out,
             stderr=out,
             cwd=ROOT,
+            env=self.env,
             start_new_session=True,
         )
         out.close()
@@ -104,6 +107,14 @@ async def status(kube: KubeClient) -> dict[str, Any]:
         return {}
 
 
+async def dig(port: int, name: str) -> list[str]:
+    proc = await asyncio.create_subprocess_exec(
+        "dig", "@127.0.0.1", "-p", str(port), name, "+short", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    return sorted(out.decode().split())
+
+
 async def deploy_tasks(director: LocalDirector) -> list[dict[str, Any]]:
     token = await _token(director)
     async with httpx.AsyncClient(base_url=director.url, headers={"Authorization": f"bearer {token}"}) as http:
@@ -126,13 +137,13 @@ async def test_apply_scale_with_a_killed_operator_and_delete(kube_api, kube: Kub
     api, _, kubeconfig = kube_api
     api.add_namespace("pgbosh-system")
     log = tmp_path / "operator.log"
-    async with local_director() as director:
+    async with local_director() as director, ConsulServer(http_port=0, dns_port=0) as consul:
         await kube.apply_secret(
             "pgbosh-system",
             "pgbosh-director",
             {"url": director.url, "client_id": director.client_id, "client_secret": director.client_secret},
         )
-        operator = OperatorProcess(kubeconfig, log)
+        operator = OperatorProcess(kubeconfig, log, consul.http_addr)
         await operator.start()
         try:
             code, _, err = await kubectl(kubeconfig, "apply", "-f", str(ROOT / "examples" / "cluster.yaml"))
@@ -148,6 +159,19 @@ async def test_apply_scale_with_a_killed_operator_and_delete(kube_api, kube: Kub
             assert all(i["state"] == "running" for i in s["instances"])
             assert len({i["address"] for i in s["instances"]}) == 3
             assert len(await deploy_tasks(director)) == 1
+
+            # The primary is known, and Consul's DNS names it.
+            async def primary_published() -> str | None:
+                st = await status(kube)
+                primary = next((i for i in st.get("instances", []) if i["role"] == "primary"), None)
+                if primary is None or st.get("currentPrimary") != primary["name"]:
+                    return None
+                answer = await dig(consul.dns_port, "master.pg-default-demo.service.consul")
+                return primary["address"] if answer == [primary["address"]] else None
+
+            primary_address = await eventually(primary_published, timeout=30, interval=0.5)
+            replicas = await dig(consul.dns_port, "replica.pg-default-demo.service.consul")
+            assert len(replicas) == 2 and primary_address not in replicas
 
             # Scale to 5 and kill -9 the operator while the deploy task runs.
             await kube.merge_patch(f"{PATH}/demo", {"spec": {"instances": 5}})

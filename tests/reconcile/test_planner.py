@@ -177,3 +177,98 @@ def test_primary_is_the_writable_node_on_the_highest_timeline() -> None:
     primary = choose_primary(nodes)
     assert primary is not None and primary.address == "b"
     assert choose_primary([NodeState("c", True, in_recovery=True)]) is None
+
+
+# --- the primary, Consul and fencing ------------------------------------------------------
+
+from controller.consul.types import Member, Published  # noqa: E402
+from controller.reconcile.planner import Fence, PublishPrimary, StartJob  # noqa: E402
+
+
+def settled(**changes: Any) -> Observed:
+    status = changes.pop(
+        "status", PostgresClusterStatus.model_validate({"lastDeployedGeneration": 1, "phase": "Ready"})
+    )
+    base: dict[str, Any] = {
+        "status": status,
+        "deployed": True,
+        "deployed_matches": True,
+        "instances": tuple(running(i) for i in range(3)),
+        "consul_service": "pg-default-demo",
+    }
+    base.update(changes)
+    return observed(**base)
+
+
+def primary_at(i: int, timeline: int = 1, lsn: int = 1000) -> NodeState:
+    return NodeState(f"127.1.0.{10 + i}", True, in_recovery=False, timeline=timeline, current_lsn=lsn)
+
+
+def standby_at(i: int, timeline: int = 1, replayed: int = 900) -> NodeState:
+    return NodeState(f"127.1.0.{10 + i}", True, in_recovery=True, timeline=timeline, replayed_lsn=replayed)
+
+
+def test_consul_is_pointed_at_the_primary_and_replicas() -> None:
+    nodes = (primary_at(0), standby_at(1), standby_at(2))
+    result = plan(SPEC, settled(nodes=nodes, published=Published((), ())))
+    assert PublishPrimary("127.1.0.10", ("127.1.0.11", "127.1.0.12")) in result.actions
+    assert result.status.current_primary == "postgres/id-0"
+    roles = [i.role for i in result.status.instances]
+    assert roles == ["primary", "replica", "replica"]
+
+
+def test_published_records_that_match_change_nothing() -> None:
+    nodes = (primary_at(0), standby_at(1), standby_at(2))
+    published = Published((Member("127.1.0.10"),), (Member("127.1.0.11"), Member("127.1.0.12")))
+    result = plan(SPEC, settled(nodes=nodes, published=published))
+    assert result.actions == []
+
+
+def test_no_writable_node_is_failing_over() -> None:
+    nodes = (NodeState("127.1.0.10", False, error="refused"), standby_at(1), standby_at(2))
+    result = plan(SPEC, settled(nodes=nodes, published=Published((Member("127.1.0.10"),), ())))
+    assert result.status.phase == Phase.FAILING_OVER
+    assert cond(result.status, "Ready") == ("False", "NoPrimary")
+    assert result.requeue_after == 1.0
+    assert not any(isinstance(a, PublishPrimary) for a in result.actions)
+
+
+def test_new_primary_moves_the_record_and_the_stale_one_is_fenced() -> None:
+    status = PostgresClusterStatus.model_validate(
+        {"lastDeployedGeneration": 1, "phase": "Ready", "currentPrimary": "postgres/id-0"}
+    )
+    nodes = (primary_at(0, timeline=1, lsn=500), primary_at(1, timeline=2, lsn=900), standby_at(2, timeline=2))
+    published = Published((Member("127.1.0.10"),), (Member("127.1.0.11"), Member("127.1.0.12")))
+    result = plan(SPEC, settled(status=status, nodes=nodes, published=published))
+    assert Fence("id-0", "127.1.0.10") in result.actions
+    assert PublishPrimary("127.1.0.11", ("127.1.0.12",)) in result.actions
+    assert result.status.current_primary == "postgres/id-1"
+    assert result.status.fenced == ["postgres/id-0"]
+    assert {"Fenced", "PrimaryChanged", "PrimaryPublished"} <= {e.reason for e in result.events}
+
+
+def test_fenced_node_is_started_again_then_forgotten_once_it_replicates() -> None:
+    status = PostgresClusterStatus.model_validate(
+        {"lastDeployedGeneration": 1, "phase": "Degraded", "fenced": ["postgres/id-0"]}
+    )
+    instances = (running(0, job_state="stopped"), running(1), running(2))
+    nodes = (NodeState("127.1.0.10", False), primary_at(1, timeline=2), standby_at(2, timeline=2))
+    result = plan(SPEC, settled(status=status, instances=instances, nodes=nodes, published=None))
+    assert StartJob("id-0") in result.actions
+    rejoined = plan(
+        SPEC,
+        settled(
+            status=result.status,
+            nodes=(standby_at(0, timeline=2), primary_at(1, timeline=2), standby_at(2, timeline=2)),
+        ),
+    )
+    assert rejoined.status.fenced == []
+    assert not any(isinstance(a, StartJob) for a in rejoined.actions)
+
+
+def test_consul_follows_the_primary_even_while_a_task_runs() -> None:
+    status = PostgresClusterStatus.model_validate({"lastDeployedGeneration": 1, "phase": "Updating"})
+    task = Task(id=9, state="processing", description="create deployment")
+    nodes = (standby_at(0, timeline=2), primary_at(1, timeline=2))
+    result = plan(SPEC, settled(status=status, task=task, instances=None, nodes=nodes, published=Published((), ())))
+    assert result.actions == [PublishPrimary("127.1.0.11", ("127.1.0.10",))]

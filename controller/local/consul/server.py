@@ -65,7 +65,7 @@ class ConsulServer:
         return f"http://{self.http_host}:{self.http_port}"
 
     async def start(self) -> None:
-        if self.state_file and os.path.exists(self.state_file):  # noqa: ASYNC240 - once, before serving
+        if self.state_file and os.path.exists(self.state_file):
             self.store.load(self.state_file)
         self._runner = web.AppRunner(
             self._http.app,
