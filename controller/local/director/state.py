@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,12 +124,8 @@ class StateStore:
     def save(self, state: DirectorState) -> None:
         if len(state.tasks) > self.MAX_TASKS:
             del state.tasks[: len(state.tasks) - self.MAX_TASKS]
-        tmp = self.state_path.with_name(".state.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
-            json.dump(state.to_json(), out, indent=1, sort_keys=True)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.state_path)
+        # 0600: manifests may carry credentials the client interpolated (like `bosh deploy -v`).
+        write_private(self.state_path, json.dumps(state.to_json(), indent=1, sort_keys=True))
 
     def load_variables(self) -> dict[str, dict[str, str]]:
         try:

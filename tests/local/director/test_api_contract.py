@@ -202,6 +202,7 @@ async def test_deploy_reports_like_the_director(fake_world):
     # secrets: generated once, 0600, never in task output
     variables = director.state_dir / "variables.json"
     assert variables.stat().st_mode & 0o777 == 0o600
+    assert (director.state_dir / "state.json").stat().st_mode & 0o777 == 0o600  # manifests may hold secrets
     secret = json.loads(variables.read_text())["shapes"]["replication_password"]
     assert len(secret) >= 20
     for kind in ("event", "result", "debug"):
