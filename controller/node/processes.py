@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 
 from controller.node.layout import NodeLayout
-from controller.node.procinfo import pid_alive
+from controller.node.procinfo import pid_alive, process_name
 from controller.node.runas import CommandFailed, RunAs
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class PostgresServer:
         if child is not None:
             return child
         pid = self.pid_from_file()
-        if pid is not None and pid_alive(pid):
+        # A stale postmaster.pid (SIGKILL) may name a pid reused by something else.
+        if pid is not None and pid_alive(pid) and process_name(pid) == "postgres":
             return pid
         return None
 

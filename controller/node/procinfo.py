@@ -26,6 +26,13 @@ def pid_alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
+def process_name(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
 def _boot_uptime() -> float:
     return float(Path("/proc/uptime").read_text().split()[0])
 
