@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .director import DEFAULT_AGENT_TIMEOUT, DEFAULT_RESURRECTION_DELAY, DEFAULT_RUN_AS
+from .defaults import DEFAULT_AGENT_TIMEOUT, DEFAULT_RESURRECTION_DELAY, DEFAULT_RUN_AS
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ import yaml
 
 from . import errors
 from . import manifest as mf
+from .defaults import DEFAULT_AGENT_TIMEOUT, DEFAULT_POLL_INTERVAL, DEFAULT_RESURRECTION_DELAY, DEFAULT_RUN_AS
 from .state import ConfigRecord, DeploymentRecord, DirectorState, InstanceRecord, StateStore
 from .tasks import ACTIVE_STATES, VERBOSE_1_TYPES, TaskOutput, TaskRecord
 from .vms import (
@@ -42,13 +43,9 @@ from .vms import (
 
 log = logging.getLogger("pgbosh.director")
 
-DEFAULT_RESURRECTION_DELAY = 2.0  # seconds an agent must be unresponsive before its VM is recreated
-DEFAULT_AGENT_TIMEOUT = 3.0  # seconds without an answer from a live agent before it is "unresponsive agent"
-DEFAULT_POLL_INTERVAL = 0.5  # supervision loop period
 RESURRECTION_BACKOFF_MAX = 60.0  # seconds between attempts for a VM that keeps failing to come back
 AGENT_BOOT_TIMEOUT = 60.0  # a new agent must answer GET /status within this
 AGENT_SHUTDOWN_TIMEOUT = 60.0  # POST /shutdown (drain) may take this long
-DEFAULT_RUN_AS = "postgres"
 # Unix socket paths are limited to 107 bytes; the longest one under a VM is
 # <vm_root>/vms/vm-<uuid>/run/.s.PGSQL.<port>, so <vm_root> must stay short.
 MAX_VM_ROOT_LEN = 107 - len("/vms/vm-00000000-0000-0000-0000-000000000000/run/.s.PGSQL.65535")
@@ -531,6 +528,7 @@ class Engine:
             try:
                 rt.status = await self._agent(inst).status(limit=2.0)
                 rt.last_ok = time.monotonic()
+                out.debug(f"Agent of {inst.label()} answers")
                 return
             except AgentError:
                 pass

@@ -11,7 +11,8 @@ from typing import Any
 from aiohttp import web
 
 from .api import DirectorApi, Tokens
-from .director import DEFAULT_AGENT_TIMEOUT, DEFAULT_POLL_INTERVAL, DEFAULT_RESURRECTION_DELAY, Engine
+from .defaults import DEFAULT_AGENT_TIMEOUT, DEFAULT_POLL_INTERVAL, DEFAULT_RESURRECTION_DELAY
+from .director import Engine
 from .vms import write_private
 
 CLIENT_ID = "pgbosh"

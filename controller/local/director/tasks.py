@@ -62,7 +62,9 @@ class TaskOutput:
             out.write(line if line.endswith("\n") else line + "\n")
 
     def debug(self, message: str) -> None:
-        self._append("debug", f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}")
+        now = time.time()
+        self._append("debug", f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now))}.{int(now % 1 * 1000):03d}Z "
+                              f"{message}")
 
     def result(self, obj: Any) -> None:
         self._append("result", json.dumps(obj, separators=(",", ":")))
