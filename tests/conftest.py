@@ -45,7 +45,8 @@ async def running_operator(url: str, director: Director, **kwargs: Any) -> Async
     ready = asyncio.Event()
     # The operator-core tests use a Director double whose VMs do not exist: no node probes, no Consul.
     kwargs.setdefault("probe_nodes", False)
-    bosh = BoshConfig(consul_http_addr=kwargs.pop("consul_http_addr", ""))
+    bosh = getattr(director, "config", None) or BoshConfig()
+    bosh = bosh.with_changes(consul_http_addr=kwargs.pop("consul_http_addr", ""))
     task = asyncio.create_task(
         run(KubeConnection(server=url), bosh, director=director, stop_flag=stop, ready_flag=ready, **kwargs)
     )

@@ -103,6 +103,8 @@ async def run_dev(args: argparse.Namespace, stop: asyncio.Event) -> int:
             serve_kube(kube_host, kube_port, forget_served_requests=True)
         )
         kube_api.add_namespace(SYSTEM_NAMESPACE)
+        broker_config = BrokerConfig.load(None)
+        kube_api.add_namespace(broker_config.namespace)
         kubeconfig = home / "kubeconfig"
         write_kubeconfig(str(kubeconfig), kube_url)
         kube = await stack.enter_async_context(KubeClient(kube_url))
@@ -141,7 +143,7 @@ async def run_dev(args: argparse.Namespace, stop: asyncio.Event) -> int:
         broker = await stack.enter_async_context(
             _started(
                 BrokerServer(
-                    Broker(BrokerConfig.load(None), kube, PsycopgRoleManager()),
+                    Broker(broker_config, kube, PsycopgRoleManager()),
                     await BasicCredentials.from_secret(kube, SYSTEM_NAMESPACE, BROKER_SECRET),
                     host=broker_host,
                     port=broker_port,

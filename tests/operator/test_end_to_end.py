@@ -11,49 +11,23 @@ operator's log.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import ROOT, eventually, kubectl
+from world import dig, local_director
 
 from controller.kube.client import KubeClient, NotFound, core_path, resource_path
 from controller.local.consul import ConsulServer
 from controller.local.director import LocalDirector
-from controller.local.director.vms import kill_vm
 
 PATH = resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "default")
 pytestmark = pytest.mark.slow
-
-
-@contextlib.asynccontextmanager
-async def local_director() -> AsyncIterator[LocalDirector]:
-    base = Path(tempfile.mkdtemp(prefix="pgbe-", dir="/tmp"))
-    base.chmod(0o755)  # the database user must traverse to its disks
-    director = LocalDirector(base / "state", vm_root=base / "vms", resurrection_delay=1.0)
-    await director.start()
-    try:
-        yield director
-    finally:
-        await director.stop(stop_vms=True)
-        engine = director.engine
-        for dep in engine.state.deployments.values():
-            for inst in dep.instances:
-                await kill_vm(
-                    inst.pid,
-                    engine.vm_root / "vms" / (inst.vm_cid or "none"),
-                    engine.vm_root / "disks" / inst.disk_cid,
-                    grace=2,
-                )
-        shutil.rmtree(base, ignore_errors=True)
 
 
 class OperatorProcess:
@@ -105,14 +79,6 @@ async def status(kube: KubeClient) -> dict[str, Any]:
         return (await kube.get(f"{PATH}/demo")).get("status") or {}
     except NotFound:
         return {}
-
-
-async def dig(port: int, name: str) -> list[str]:
-    proc = await asyncio.create_subprocess_exec(
-        "dig", "@127.0.0.1", "-p", str(port), name, "+short", stdout=asyncio.subprocess.PIPE
-    )
-    out, _ = await proc.communicate()
-    return sorted(out.decode().split())
 
 
 async def deploy_tasks(director: LocalDirector) -> list[dict[str, Any]]:
