@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 PEER_CONNECT_TIMEOUT = 2
 PRIMARY_WAIT_POLL = 1.0
+# A former primary waits this long for some peer to answer before it starts alone.
+FORMER_PRIMARY_PEER_WAIT = 30.0
 PROVISION_RETRY_MAX = 30.0
 POSTGRES_READY_TIMEOUT = 300.0
 
@@ -70,6 +72,41 @@ class PeerRole:
     peer: Peer
     writable: bool  # answers and is not in recovery
     registered: bool  # repmgr metadata exists and names an active primary
+    timeline: int | None = None  # the newest timeline the peer knows of
+
+
+@dataclass(frozen=True)
+class FormerPrimaryVerdict:
+    start: bool
+    wait: bool = False
+    reason: str = ""
+
+
+def judge_former_primary(
+    own_timeline: int | None, peers: list[PeerRole | None], *, waited_enough: bool
+) -> FormerPrimaryVerdict:
+    """May a disk that held a primary start as one? Not beside a writable peer, not
+    when a peer has seen a newer timeline (a promotion happened since, even if that
+    new primary is down now), and not before some peer answered, unless we waited."""
+    answered = [role for role in peers if role is not None]
+    for role in answered:
+        if role.writable:
+            return FormerPrimaryVerdict(
+                start=False,
+                reason=f"{role.peer.address} (index {role.peer.index}) is the primary now",
+            )
+    for role in answered:
+        if own_timeline is not None and role.timeline is not None and role.timeline > own_timeline:
+            return FormerPrimaryVerdict(
+                start=False,
+                reason=(
+                    f"{role.peer.address} (index {role.peer.index}) is on timeline {role.timeline}, "
+                    f"this disk on {own_timeline}: a standby was promoted since"
+                ),
+            )
+    if peers and not answered and not waited_enough:
+        return FormerPrimaryVerdict(start=False, wait=True, reason="no peer answers yet")
+    return FormerPrimaryVerdict(start=True)
 
 
 class PostgresJob:
@@ -347,16 +384,29 @@ class PostgresJob:
                 connect_timeout=PEER_CONNECT_TIMEOUT,
                 autocommit=True,
             ) as conn:
-                row = await (await conn.execute("SELECT pg_is_in_recovery()")).fetchone()
-                if row is None or row[0]:
-                    return PeerRole(peer, writable=False, registered=False)
+                row = await (
+                    await conn.execute(
+                        # A standby that followed a promotion holds the new timeline's
+                        # history file and segments even once its upstream is gone.
+                        "SELECT pg_is_in_recovery(), GREATEST("
+                        " (SELECT timeline_id FROM pg_control_checkpoint()),"
+                        " (SELECT received_tli FROM pg_stat_wal_receiver),"
+                        " (SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) FROM pg_ls_waldir()"
+                        r"   WHERE name ~ '^[0-9A-F]{8}([0-9A-F]{16}|\.history)$'))"
+                    )
+                ).fetchone()
+                if row is None:
+                    return None
+                timeline = int(row[1]) if row[1] is not None else None
+                if row[0]:
+                    return PeerRole(peer, writable=False, registered=False, timeline=timeline)
                 registered = await (
                     await conn.execute(
                         "SELECT to_regclass('repmgr.nodes') IS NOT NULL"
                         " AND EXISTS (SELECT 1 FROM repmgr.nodes WHERE type = 'primary' AND active)"
                     )
                 ).fetchone()
-                return PeerRole(peer, writable=True, registered=bool(registered and registered[0]))
+                return PeerRole(peer, writable=True, registered=bool(registered and registered[0]), timeline=timeline)
         except psycopg.Error:
             return None
 
@@ -382,14 +432,32 @@ class PostgresJob:
             await asyncio.sleep(PRIMARY_WAIT_POLL)
 
     async def _refuse_second_primary(self) -> None:
-        """This disk held a primary. If another primary has taken over meanwhile,
-        starting ours would split the cluster in two."""
-        other = await self.find_primary_peer(registered=False)
-        if other is None:
-            return
-        # TODO(HA): rejoin as a standby of `other` here (repmgr node rejoin --force-rewind,
-        # or a fresh clone when rewind fails) instead of refusing.
+        """This disk held a primary. If another node was promoted meanwhile, starting
+        ours would split the cluster in two (see judge_former_primary)."""
+        own_timeline = await self._own_timeline()
+        deadline = asyncio.get_running_loop().time() + FORMER_PRIMARY_PEER_WAIT
+        while True:
+            peers = self.current_peers()
+            roles = list(await asyncio.gather(*(self._probe_peer(peer) for peer in peers)))
+            waited_enough = asyncio.get_running_loop().time() > deadline
+            verdict = judge_former_primary(own_timeline, roles, waited_enough=waited_enough)
+            if verdict.start:
+                if peers and all(role is None for role in roles):
+                    log.warning("no peer answered in %.0f s; starting the former primary", FORMER_PRIMARY_PEER_WAIT)
+                return
+            if not verdict.wait:
+                break
+            await asyncio.sleep(PRIMARY_WAIT_POLL)
+        # TODO(HA): rejoin as a standby of the new primary here (repmgr node rejoin
+        # --force-rewind, or a fresh clone when rewind fails) instead of refusing.
         raise ProvisioningRefused(
-            f"this disk holds a former primary but {other.address} (index {other.index}) is the primary now; "
+            f"this disk holds a former primary but {verdict.reason}; "
             "refusing to start a second primary (rejoin not implemented yet)"
         )
+
+    async def _own_timeline(self) -> int | None:
+        output = await self.run_as.run(
+            [self.layout.binary("pg_controldata"), "-D", self.layout.data_dir], time_limit=30, quiet=True
+        )
+        match = re.search(r"^Latest checkpoint's TimeLineID:\s+(\d+)", output, re.MULTILINE)
+        return int(match.group(1)) if match else None

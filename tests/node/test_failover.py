@@ -5,6 +5,8 @@ repmgr.conf (promote/follow commands, location, priorities, PGPASSFILE) works.""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -80,3 +82,28 @@ def test_former_primary_refuses_to_start_beside_the_new_primary(cluster: list[No
     pid_file = old_primary.disk / "postgres" / "data" / "postmaster.pid"
     assert not pid_file.exists() or not pid_alive(old_primary.postmaster_pid())
     assert role(new_primary) == "primary"
+
+
+def test_former_primary_refuses_when_only_a_follower_of_the_new_primary_answers(cluster: list[Node]) -> None:
+    """The promoted node is gone too; the follower's newer timeline still tells the old
+    primary that it is stale."""
+    old_primary, new_primary, follower = cluster
+    # Freeze the follower's repmgrd, or it would (rightly) promote itself meanwhile.
+    repmgrd = int((follower.vm_dir / "run" / "repmgrd.pid").read_text())
+    os.kill(repmgrd, signal.SIGSTOP)
+    try:
+        old_primary.stop_agent()
+        new_primary.kill_agent()
+        old_primary.generation += 1
+        old_primary.start_agent()
+        old_primary.start_job()
+        status = wait_for(
+            lambda: (s := old_primary.status()) is not None and s.get("job_state") == "failing" and s,
+            30,
+            "refusal",
+        )
+        assert role(follower) == "standby"
+    finally:
+        os.kill(repmgrd, signal.SIGCONT)
+    assert "timeline 2" in status["error"], status["error"]
+    assert "refusing to start a second primary" in status["error"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.node.config import AgentConfig, ConfigError, PostgresJobProperties, load_agent_config
-from controller.node.job import Provisioning, plan_provisioning
+from controller.node.config import AgentConfig, ConfigError, Peer, PostgresJobProperties, load_agent_config
+from controller.node.job import PeerRole, Provisioning, judge_former_primary, plan_provisioning
 from controller.node.layout import NodeLayout
 from controller.node.pgconf import (
     render_pg_hba,
@@ -154,3 +154,32 @@ def test_vm_dir_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="vm_dir is too long"):
         load_agent_config(path)
+
+
+def _role(index: int, *, writable: bool = False, timeline: int | None = 1) -> PeerRole:
+    peer = Peer(index=index, id=f"n{index}", address=f"127.1.0.{10 + index}")
+    return PeerRole(peer, writable=writable, registered=writable, timeline=timeline)
+
+
+def test_former_primary_starts_beside_standbys_of_its_own_timeline() -> None:
+    verdict = judge_former_primary(1, [_role(1), _role(2)], waited_enough=False)
+    assert verdict.start
+
+
+def test_former_primary_refuses_beside_a_writable_peer() -> None:
+    verdict = judge_former_primary(1, [_role(1, writable=True, timeline=2), None], waited_enough=True)
+    assert not verdict.start and not verdict.wait
+    assert "127.1.0.11 (index 1) is the primary now" in verdict.reason
+
+
+def test_former_primary_refuses_when_a_peer_saw_a_newer_timeline() -> None:
+    # The promoted node is down; its follower still proves a promotion happened.
+    verdict = judge_former_primary(1, [None, _role(2, timeline=2)], waited_enough=True)
+    assert not verdict.start and not verdict.wait
+    assert "timeline 2" in verdict.reason
+
+
+def test_former_primary_waits_for_some_peer_then_starts_alone() -> None:
+    assert judge_former_primary(3, [None, None], waited_enough=False).wait
+    assert judge_former_primary(3, [None, None], waited_enough=True).start
+    assert judge_former_primary(3, [], waited_enough=False).start
