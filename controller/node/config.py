@@ -57,6 +57,14 @@ class PostgresProperties(_Model):
     replication_password: SecretStr
     databases: list[Database] = Field(default_factory=list)
 
+    @field_validator("admin_password", "replication_password")
+    @classmethod
+    def _password_fits_a_pgpass_line(cls, value: SecretStr) -> SecretStr:
+        secret = value.get_secret_value()
+        if not secret or any(char in secret for char in "\r\n\0"):
+            raise ValueError("must be non-empty, one line, without NUL")
+        return value
+
     @field_validator("parameters", mode="before")
     @classmethod
     def _parameters_as_strings(cls, value: object) -> object:

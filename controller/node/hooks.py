@@ -161,9 +161,7 @@ def parse_event(line: str) -> HookEvent | None:
 class HookEvents:
     """Tails the events file; calls `on_promoted` once per successful promotion here."""
 
-    def __init__(
-        self, layout: NodeLayout, node: int, on_promoted: Callable[[HookEvent], Awaitable[None]]
-    ) -> None:
+    def __init__(self, layout: NodeLayout, node: int, on_promoted: Callable[[HookEvent], Awaitable[None]]) -> None:
         self.path = events_file(layout)
         self.node = node
         self.on_promoted = on_promoted

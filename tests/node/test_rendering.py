@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.node.agent import _current_peers
 from controller.node.config import AgentConfig, ConfigError, Peer, PostgresJobProperties, load_agent_config
 from controller.node.job import PeerRole, Provisioning, judge_former_primary, plan_provisioning
 from controller.node.layout import NodeLayout
@@ -183,3 +184,29 @@ def test_former_primary_waits_for_some_peer_then_starts_alone() -> None:
     assert judge_former_primary(3, [None, None], waited_enough=False).wait
     assert judge_former_primary(3, [None, None], waited_enough=True).start
     assert judge_former_primary(3, [], waited_enough=False).start
+
+
+def test_multi_line_password_is_refused_without_echo(tmp_path: Path) -> None:
+    data = agent_json(admin_password="line one\nline two")
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="admin_password") as error:
+        load_agent_config(path)
+    assert "line one" not in str(error.value)
+
+
+def test_agent_rereads_peers_from_agent_json(tmp_path: Path) -> None:
+    data = agent_json(index=1)
+    data["vm_dir"] = str(tmp_path)
+    data["peers"] = [{"index": 0, "id": "uuid-0", "address": "127.1.0.10"}]
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps(data))
+    config, _ = load_agent_config(path)
+    data["peers"] = [
+        {"index": 0, "id": "uuid-0", "address": "127.1.0.10"},
+        {"index": 2, "id": "uuid-2", "address": "127.1.0.12"},
+    ]
+    path.write_text(json.dumps(data))
+    assert [peer.index for peer in _current_peers(path, config)] == [0, 2]
+    path.write_text("{not json")
+    assert [peer.index for peer in _current_peers(path, config)] == [0]
