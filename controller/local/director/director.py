@@ -738,6 +738,8 @@ class Engine:
                     await self._create_vm(dep, inst, jobs, out)
                 if inst.state == "started":
                     await self._start_jobs(inst, watch, out)
+                else:
+                    await self._stop_jobs(inst)  # a new VM of a stopped instance stays stopped
             finally:
                 rt.busy -= 1
 
@@ -1014,6 +1016,8 @@ class Engine:
                 await self._create_vm(dep, inst, jobs_by_group[inst.group], out)
                 if inst.state == "started":
                     await self._start_jobs(inst, watch.get(inst.group, mf.WatchTime(1000, 120000)), out)
+                else:
+                    await self._stop_jobs(inst)  # an agent may start its jobs when it boots
                 rt.failed_fixes = 0
             except BaseException:
                 # Back off so a VM that cannot come up does not spin the resurrector.

@@ -238,3 +238,19 @@ async def test_a_vm_that_cannot_come_back_is_retried_with_backoff(fake_world):
     assert all(t["state"] in ("error", "processing", "queued") for t in scans)
     (director.engine.vm_root / "disks" / row["disk_cid"] / "data" / "crash").unlink()
     await client.wait_for("stubborn", lambda r: running(r, 1), limit=30)
+
+
+async def test_a_stopped_instance_stays_stopped_when_its_vm_is_resurrected(fake_world, monkeypatch):
+    director, client = fake_world
+    assert (await client.deploy(manifest("sleeper", instances=1)))["state"] == "done"
+    resp = await client.req("PUT", "/deployments/sleeper/jobs/postgres/0", params={"state": "stopped"},
+                            headers={"Content-Type": "text/yaml"})
+    assert (await client.wait(await client.task_of(resp)))["state"] == "done"
+    [row] = await client.vms("sleeper")
+    monkeypatch.setenv("FAKE_AGENT_AUTOSTART", "1")  # an agent that starts its jobs when it boots
+    os.kill(agent_pid(director, row), signal.SIGKILL)
+    after = await client.wait_for("sleeper", lambda r: r[0]["vm_cid"] != row["vm_cid"] and r[0]["job_state"]
+                                  not in (None, "unresponsive agent"), limit=20)
+    await asyncio.sleep(0.5)
+    [now] = await client.vms("sleeper")
+    assert now["vm_cid"] == after[0]["vm_cid"] and now["state"] == "stopped" and now["job_state"] == "stopped"
