@@ -218,7 +218,7 @@ class DirectorApi:
         return _json({"manifest": dep.manifest or None})  # null until a deploy succeeded, like the Director
 
     async def delete_deployment(self, request: web.Request) -> web.Response:
-        task = self.engine.start_delete(request.match_info["name"], _context_id(request))
+        task = self.engine.start_delete(request.match_info["name"], _context_id(request), force=_flag(request, "force"))
         return _redirect(task.id)
 
     async def diff(self, request: web.Request) -> web.Response:

@@ -771,11 +771,11 @@ class Engine:
                     fn: Callable[[DeploymentRecord, InstanceRecord], Awaitable[None]], dep: DeploymentRecord) -> None:
         await asyncio.gather(*(self._tracked(stage.track(i.label()), fn(dep, i)) for i in insts))
 
-    async def _delete_instance(self, dep: DeploymentRecord, inst: InstanceRecord) -> None:
+    async def _delete_instance(self, dep: DeploymentRecord, inst: InstanceRecord, *, drain: bool = True) -> None:
         rt = self.runtime.setdefault(inst.id, VmRuntime())
         rt.busy += 1
         try:
-            await self._delete_vm(inst)
+            await self._delete_vm(inst, drain=drain)
             remove_tree(self._disk_dir(inst))
         finally:
             rt.busy -= 1
@@ -785,17 +785,21 @@ class Engine:
         self.save()
 
     # ---- delete ----------------------------------------------------------------------------
-    def start_delete(self, name: str, context_id: str) -> TaskRecord:
+    def start_delete(self, name: str, context_id: str, *, force: bool = False) -> TaskRecord:
         self.deployment(name)
         return self.submit("delete_deployment", f"delete deployment {name}", name, context_id,
-                           lambda t, out: self._delete_deployment(out, name))
+                           lambda t, out: self._delete_deployment(out, name, force=force))
 
-    async def _delete_deployment(self, out: TaskOutput, name: str) -> str:
+    async def _delete_deployment(self, out: TaskOutput, name: str, *, force: bool = False) -> str:
         dep = self.deployment(name)
         insts = list(dep.instances)
         if insts:
             stage = out.stage("Deleting instances", len(insts), sorted({i.group for i in insts}))
-            await self._each(stage, insts, self._delete_instance, dep)
+
+            async def delete(d: DeploymentRecord, inst: InstanceRecord) -> None:
+                await self._delete_instance(d, inst, drain=not force)  # force: no drain, like --force
+
+            await self._each(stage, insts, delete, dep)
         step = out.stage("Removing deployment artifacts", 3).track("Detaching stemcells")
         step.started()
         step.finished()

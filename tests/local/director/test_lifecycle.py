@@ -169,7 +169,8 @@ async def test_delete_frees_everything(fake_world):
     assert (await client.deploy(manifest("doomed", instances=2)))["state"] == "done"
     rows = await client.vms("doomed")
     pids = [agent_pid(director, r) for r in rows]
-    resp = await client.req("DELETE", "/deployments/doomed", headers={"X-Bosh-Context-Id": "bye"})
+    resp = await client.req("DELETE", "/deployments/doomed", params={"force": "true"},
+                            headers={"X-Bosh-Context-Id": "bye"})
     task = await client.wait(await client.task_of(resp))
     assert task["state"] == "done" and task["description"] == "delete deployment doomed"
     assert task["context_id"] == "bye"
