@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from controller.node.runas import RunAs
 log = logging.getLogger("controller.node")
 
 ROLE_TIMEOUT = 2.0
+ROLE_CACHE_SECONDS = 1.0
 
 
 class Agent:
@@ -32,6 +34,7 @@ class Agent:
         self.job = job
         self.shutdown_requested = asyncio.Event()
         self._cpu = CpuSampler()
+        self._role_cache: tuple[float, str] | None = None
 
     async def status(self) -> dict[str, Any]:
         processes: list[dict[str, Any]] = []
@@ -49,8 +52,7 @@ class Agent:
                 if supervisor.last_error:
                     entry["error"] = supervisor.last_error
                 processes.append(entry)
-            with contextlib.suppress(TimeoutError):
-                role = await asyncio.wait_for(self.job.role(), ROLE_TIMEOUT)
+            role = await self._role(self.job)
         result: dict[str, Any] = {
             "agent_id": self.config.agent_id,
             "job_state": job_state,
@@ -61,6 +63,17 @@ class Agent:
         if self.job is not None and self.job.error:
             result["error"] = self.job.error
         return result
+
+    async def _role(self, job: PostgresJob) -> str:
+        # The director polls every agent twice a second; one query a second is plenty.
+        now = time.monotonic()
+        if self._role_cache is not None and now - self._role_cache[0] < ROLE_CACHE_SECONDS:
+            return self._role_cache[1]
+        role = "unknown"
+        with contextlib.suppress(TimeoutError):
+            role = await asyncio.wait_for(job.role(), ROLE_TIMEOUT)
+        self._role_cache = (time.monotonic(), role)
+        return role
 
     async def start_jobs(self) -> None:
         if self.job is not None:
