@@ -149,6 +149,11 @@ class FakeDirector:
             for i in range(int(group["instances"]))
         ]
 
+    async def instances_brief(self, deployment: str) -> list[Instance]:
+        full = await self.instances(deployment)
+        self.calls[-1] = "instances_brief"  # one request, not the full listing
+        return [Instance(**{**i.__dict__, "job_state": None, "processes": ()}) for i in full]
+
     async def set_resurrection(self, deployment: str, group: str, instance_id: str, *, paused: bool) -> None:
         self._call("set_resurrection")
         self.resurrection[instance_id] = paused

@@ -379,6 +379,10 @@ class PostgresClusterStatus(_Model):
     endpoint: Endpoint | None = None
     credentials_secret: Annotated[str | None, Field(default=None, alias="credentialsSecret")]
     last_deployed_generation: Annotated[int | None, Field(default=None, alias="lastDeployedGeneration")]
+    deployed_hash: Annotated[
+        str | None,
+        Field(default=None, alias="deployedHash", description="Hash of the manifest template last deployed."),
+    ]
     fenced: list[str] = Field(
         default_factory=list, description="Instances pgbosh stopped because they accepted writes beside the primary."
     )

@@ -580,6 +580,12 @@ class DirectorClient:
                 raise TaskFailed(task_id, task.state, gave_up_after=give_up_after)
             await self._sleep(self.config.timeouts.task_poll_interval)
 
+    async def instances_brief(self, deployment: str) -> list[Instance]:
+        # deployments_controller.rb `get '/:deployment/instances'` without format=full answers at
+        # once from the database: job, index, id, az, ips, expects_vm; no agent is asked.
+        rows = await self._json("GET", f"/deployments/{_seg(deployment)}/instances")
+        return [Instance.from_json({**row, "job_state": None}) for row in rows if row.get("expects_vm", True)]
+
     async def instances(self, deployment: str) -> list[Instance]:
         path = f"/deployments/{_seg(deployment)}/instances"
         # Starts a read-only task, so a retry is harmless.

@@ -166,6 +166,10 @@ class Director(Protocol):
         """`GET /deployments/:name/instances?format=full`, followed to its result."""
         ...
 
+    async def instances_brief(self, deployment: str) -> list[Instance]:
+        """`GET /deployments/:name/instances`: one request, no task, no job state (job_state None)."""
+        ...
+
     async def set_resurrection(self, deployment: str, group: str, instance_id: str, *, paused: bool) -> None: ...
 
     async def change_job_state(

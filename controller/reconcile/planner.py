@@ -226,6 +226,8 @@ def plan(spec: PostgresClusterSpec, observed: Observed) -> Plan:
         b.status.bosh_task = _task_status(task, observed.task_progress)
         if task.succeeded:
             b.status.last_deployed_generation = observed.generation
+            if task.description == "create deployment":
+                b.status.deployed_hash = observed.desired_hash
             b.status.failed_attempt = None
             b.events.append(Event("Normal", "TaskSucceeded", f"BOSH task {task.id} ({task.description}) is done"))
             b.condition(COND_PROGRESSING, "False", "TaskDone", f"BOSH task {task.id} ({task.description}) is done.")
@@ -263,10 +265,13 @@ def plan(spec: PostgresClusterSpec, observed: Observed) -> Plan:
     if observed.deployed and b.status.last_deployed_generation is None:
         # Deployed before this status existed (adopted): record it as ours.
         b.status.last_deployed_generation = observed.generation
+    if observed.deployed_matches and observed.desired_hash:
+        b.status.deployed_hash = observed.desired_hash
     b.status.observed_generation = observed.generation
     actions: list[Action] = []
     for instance in observed.instances or ():
-        if instance.resurrection_paused == spec.resurrection:
+        # Only a full listing (state known) says whether resurrection is paused.
+        if instance.state is not None and instance.resurrection_paused == spec.resurrection:
             actions.append(SetResurrection(instance.id, paused=not spec.resurrection))
     requeue = _derive_readiness(b, spec, observed)
     ha_actions, ha_requeue = _plan_primary(b, observed)
@@ -349,6 +354,7 @@ def _observe_instances(b: _Builder, spec: PostgresClusterSpec, observed: Observe
     nodes = {n.address: n for n in observed.nodes or ()}
     primary = choose_primary(observed.nodes or ())
     rows = []
+    previous = {i.name: i.resurrection_paused for i in observed.status.instances}
     for inst in sorted(observed.instances, key=lambda i: (i.index if i.index is not None else 1 << 30, i.id)):
         address = inst.ips[0] if inst.ips else None
         node = nodes.get(address or "")
@@ -364,7 +370,9 @@ def _observe_instances(b: _Builder, spec: PostgresClusterSpec, observed: Observe
                     "role": role,
                     "state": "running" if inst.running else (inst.job_state or "unknown"),
                     "lagBytes": node.lag_bytes if node is not None and role == "replica" else None,
-                    "resurrectionPaused": inst.resurrection_paused,
+                    "resurrectionPaused": inst.resurrection_paused
+                    if inst.state is not None
+                    else previous.get(inst.name),
                 }
             )
         )

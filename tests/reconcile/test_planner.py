@@ -40,6 +40,7 @@ def running(i: int, *, paused: bool = False, job_state: str = "running") -> Inst
         az=f"z{i % 3 + 1}",
         ips=(f"127.1.0.{10 + i}",),
         job_state=job_state,
+        state="started",
         processes=(Process("postgres", job_state),),
         resurrection_paused=paused,
     )
