@@ -192,6 +192,24 @@ def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list
     return errors
 
 
+@functools.cache
+def _status_validator() -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(crd.cached_open_api_schema()["properties"]["status"])
+
+
+def admit_status(obj: dict[str, Any]) -> None:
+    """A write to the status subresource: only the status is checked (against its schema)."""
+    status = obj.get("status")
+    if status is None:
+        return
+    errors = [
+        FieldError(_path(["status", *err.absolute_path]), f"Invalid value: {err.message}")
+        for err in _status_validator().iter_errors(status)
+    ]
+    if errors:
+        raise Invalid(models.KIND, str((obj.get("metadata") or {}).get("name", "")), errors)
+
+
 def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, Any]:
     """Default and validate a PostgresCluster as the API server would; raise Invalid.
 

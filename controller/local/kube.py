@@ -28,7 +28,7 @@ import kmock
 from kmock._internal import enums, k8s, rendering
 
 from controller.api import crd, models
-from controller.api.validation import Invalid, admit
+from controller.api.validation import Invalid, admit, admit_status
 
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 PGC_RESOURCE = f"{models.GROUP}/{models.VERSION}/{models.PLURAL}"
@@ -206,7 +206,10 @@ class LocalKubernetes(kmock.KubernetesEmulator):
             status = result.pop("status", None)
             old = {k: v for k, v in current.items() if k != "status"}
             if request.subresource == "status":
-                self._admit({**result, "status": status} if status is not None else result, None, transitions=False)
+                try:
+                    admit_status({**result, "status": status})
+                except Invalid as exc:
+                    raise k8s.KubernetesError(status=422, reason="Invalid", message=str(exc)) from None
             else:
                 result = self._admit(result, old)
             if status is not None:

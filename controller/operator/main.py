@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from controller.consul.types import PrimaryPublisher
 from controller.kube.client import KubeClient, NotFound
 from controller.operator import handlers
 from controller.operator.reconcile import Runtime
+from controller.pg.types import NodeProbe
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ async def run(
     publisher: PrimaryPublisher | None = None,
     consul_token: str | None = None,
     probe_nodes: bool = True,
+    node_probe: Callable[[str, str], NodeProbe] | None = None,
 ) -> None:
     """Run kopf until `stop_flag` is set (or forever)."""
     global _CONNECTION
@@ -116,6 +119,8 @@ async def run(
             publisher=publisher,
             probe_nodes=probe_nodes,
         )
+        if node_probe is not None:
+            handlers.RUNTIME.node_probe = node_probe
         await kopf.operator(
             standalone=True,
             clusterwide=True,

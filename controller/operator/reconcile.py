@@ -36,7 +36,7 @@ from controller.bosh.types import CloudConfig, Director, Instance, JobStateReque
 from controller.consul.types import Member, PrimaryPublisher, Published
 from controller.kube.client import KubeClient, NotFound, core_path, resource_path
 from controller.pg.probe import PsycopgProbe, probe_all
-from controller.pg.types import NodeState
+from controller.pg.types import NodeProbe, NodeState
 from controller.reconcile import planner
 from controller.reconcile.planner import (
     DeleteDeployment,
@@ -65,6 +65,8 @@ class ClusterMemory:
     last_progress: dict[int, str] = field(default_factory=dict)
     # The manifest hash this operator saw deployed (checked against the Director, not assumed).
     verified_hash: str | None = None
+    # The admin login from the cluster's Secret (read once; pgbosh never rotates it silently).
+    credentials: dict[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Runtime:
     cloud_config_ttl: float = 30.0
     publisher: PrimaryPublisher | None = None
     probe_nodes: bool = True
+    # How to reach the nodes with the cluster's admin login (replaceable for benchmarks).
+    node_probe: Callable[[str, str], NodeProbe] = PsycopgProbe
     memory: dict[str, ClusterMemory] = field(default_factory=dict)
     _cloud: tuple[float, CloudConfig] | None = None
 
@@ -111,8 +115,12 @@ async def ensure_credentials(
 ) -> tuple[str, dict[str, str]]:
     """The Secret holding the cluster's admin login; generated once, never rotated silently."""
     secret_name = f"{name}{CREDENTIALS_SUFFIX}"
+    mem = rt.memory.setdefault(owner["metadata"]["uid"], ClusterMemory())
+    if mem.credentials is not None:
+        return secret_name, mem.credentials
     try:
-        return secret_name, await rt.kube.get_secret(namespace, secret_name)
+        mem.credentials = await rt.kube.get_secret(namespace, secret_name)
+        return secret_name, mem.credentials
     except NotFound:
         pass
     data = {"username": rt.bosh.admin_user, "password": secrets.token_urlsafe(24)}
@@ -138,6 +146,7 @@ async def ensure_credentials(
         "stringData": data,
     }
     await rt.kube.create(core_path("secrets", namespace), body)
+    mem.credentials = data
     return secret_name, data
 
 
@@ -155,7 +164,7 @@ async def _probe_nodes(
         addresses = [i.address for i in status.instances if i.address]
     if not addresses:
         return None
-    probe = PsycopgProbe(credentials.get("username", rt.bosh.admin_user), credentials["password"])
+    probe = rt.node_probe(credentials.get("username", rt.bosh.admin_user), credentials["password"])
     return await probe_all(probe, addresses, rt.bosh.postgres_port)
 
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import psycopg
 
-from controller.pg.types import NodeState
+from controller.pg.types import NodeProbe, NodeState
 
 CONNECT_TIMEOUT_SECONDS = 2
 STATEMENT_TIMEOUT_MS = 2000
@@ -91,5 +91,5 @@ def with_lag(nodes: list[NodeState]) -> list[NodeState]:
     return out
 
 
-async def probe_all(probe: PsycopgProbe, addresses: list[str], port: int) -> list[NodeState]:
+async def probe_all(probe: NodeProbe, addresses: list[str], port: int) -> list[NodeState]:
     return with_lag(list(await asyncio.gather(*(probe.probe(a, port) for a in addresses))))
