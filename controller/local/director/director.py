@@ -544,9 +544,11 @@ class Engine:
         vm_dir = self._vm_dir(inst)
         config = vm_dir / "agent.json"
         alive = (rt.popen.poll() is None) if rt.popen is not None else agent_alive(inst.pid, config)
+        log.info("deleting VM %s of %s (agent %s)", inst.vm_cid, inst.label(), "alive" if alive else "gone")
         if alive and drain:
             try:
                 await self._agent(inst).shutdown(limit=AGENT_SHUTDOWN_TIMEOUT)
+                log.info("agent of %s shut down its jobs", inst.label())
                 deadline = time.monotonic() + 15
                 while agent_alive(inst.pid, config) and time.monotonic() < deadline:
                     if rt.popen is not None:
@@ -555,6 +557,7 @@ class Engine:
             except AgentError as exc:
                 log.info("shutdown of %s failed (%s); killing it", inst.label(), exc)
         await kill_vm(inst.pid, vm_dir, self._disk_dir(inst))
+        log.info("VM %s of %s: no process left", inst.vm_cid, inst.label())
         if rt.popen is not None:
             with contextlib.suppress(Exception):
                 rt.popen.wait(limit=1)
