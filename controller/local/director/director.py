@@ -199,6 +199,8 @@ class Engine:
             for inst in dep.instances:
                 rt = self.runtime.setdefault(inst.id, VmRuntime())
                 if not inst.vm_cid:
+                    if inst.state != "detached" and not inst.resurrection_paused:
+                        dead.setdefault(dep.name, []).append(inst)  # stopped with stop(stop_vms=True)
                     continue
                 if agent_alive(inst.pid, self._vm_dir(inst) / "agent.json"):
                     rt.last_ok = time.monotonic()
@@ -1009,7 +1011,7 @@ class Engine:
         dep = self.state.deployments.get(name)
         if dep is None:
             return ""
-        insts = [i for i in dep.instances if i.id in inst_ids and i.vm_cid]
+        insts = [i for i in dep.instances if i.id in inst_ids and (i.vm_cid or i.state != "detached")]
         stage = out.stage("Applying problem resolutions", len(insts))
         jobs_by_group = {g: self._stored_jobs(dep, g) for g in {i.group for i in insts}}
         parsed = mf.parse(mf.load_yaml(dep.config_manifest), self._cloud_of(dep))

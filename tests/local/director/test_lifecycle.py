@@ -255,3 +255,18 @@ async def test_a_stopped_instance_stays_stopped_when_its_vm_is_resurrected(fake_
     await asyncio.sleep(0.5)
     [now] = await client.vms("sleeper")
     assert now["vm_cid"] == after[0]["vm_cid"] and now["state"] == "stopped" and now["job_state"] == "stopped"
+
+
+async def test_stop_with_vms_then_start_brings_the_vms_back_on_their_disks(short_tmp):
+    kw = {"vm_root": short_tmp / "vms", "agent_command": FAKE_AGENT, "poll_interval": 0.2}
+    async with running_director(short_tmp / "state", **kw) as (director, client):
+        assert (await client.deploy(manifest("sleepy", instances=2)))["state"] == "done"
+        before = await client.vms("sleepy")
+        await director.stop(stop_vms=True)
+        assert not any((short_tmp / "vms" / "vms" / r["vm_cid"]).exists() for r in before)
+    async with running_director(short_tmp / "state", **kw) as (_, client2):
+        after = await client2.wait_for("sleepy", lambda r: running(r, 2), limit=30)
+        assert [r["disk_cid"] for r in after] == [r["disk_cid"] for r in before]
+        assert all(r["vm_cid"] not in {b["vm_cid"] for b in before} for r in after)
+        resp = await client2.req("DELETE", "/deployments/sleepy", params={"force": "true"})
+        assert (await client2.wait(await client2.task_of(resp)))["state"] == "done"
