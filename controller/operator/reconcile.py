@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from controller.api import models
 from controller.api.models import PostgresClusterSpec, PostgresClusterStatus
-from controller.bosh.client import BoshError
+from controller.bosh.client import BoshError, DirectorUnavailable
 from controller.bosh.config import BoshConfig
 from controller.bosh.manifest import (
     check_against_cloud_config,
@@ -306,8 +306,15 @@ async def execute(rt: Runtime, body: dict[str, Any], result: Plan, manifest: str
             if running:
                 task = running[0]
             else:
-                task_id = await rt.director.deploy(manifest, context_id=ctx)
-                task = Task(id=task_id, state="queued", description="create deployment")
+                try:
+                    task_id = await rt.director.deploy(manifest, context_id=ctx)
+                    task = Task(id=task_id, state="queued", description="create deployment")
+                except DirectorUnavailable:
+                    # The answer was lost, not necessarily the deploy: find it by its context id.
+                    found = await _started_since(rt, result, ctx)
+                    if found is None:
+                        raise
+                    task = found
             result.status.bosh_task = models.BoshTaskStatus.model_validate(
                 {
                     "id": task.id,
@@ -362,6 +369,12 @@ async def execute(rt: Runtime, body: dict[str, Any], result: Plan, manifest: str
             continue
         # Record what was started before anything waits on it.
         await rt.kube.merge_patch(cluster_path(meta["namespace"], meta["name"], "status"), status_patch(result.status))
+
+
+async def _started_since(rt: Runtime, result: Plan, ctx: str) -> Task | None:
+    known = result.status.bosh_task.id if result.status.bosh_task is not None else 0
+    recent = await rt.director.tasks(deployment=result.status.deployment, context_id=ctx, limit=5)
+    return next((t for t in recent if t.id > known and t.description == "create deployment"), None)
 
 
 def parse_status(body: dict[str, Any]) -> PostgresClusterStatus:
