@@ -403,9 +403,19 @@ class DirectorApi:
         return _json(rec.to_api(), 201)
 
     async def legacy_cloud_configs(self, request: web.Request) -> web.Response:
-        recs = self.engine.latest_configs("cloud", "default")
-        return _json([{"properties": r.content, "created_at": r.created_at} for r in recs])
+        """cloud_configs_controller.rb `get '/'`: `limit` is required; newest first."""
+        raw = request.query.get("limit", "")
+        if not raw:
+            return web.Response(status=400, text="limit is required")
+        try:
+            limit = int(raw)
+        except ValueError:
+            return web.Response(status=400, text=f"limit is invalid: '{raw}' is not an integer")
+        recs = self.engine.all_configs("cloud", request.query.get("name") or "default")[:limit]
+        return _json([{"properties": r.content,
+                       "created_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r.created_at))}
+                      for r in recs])
 
     async def legacy_post_cloud_config(self, request: web.Request) -> web.Response:
-        self.engine.post_config("cloud", "default", await request.text())
+        self.engine.post_config("cloud", request.query.get("name") or "default", await request.text())
         return web.Response(status=201)

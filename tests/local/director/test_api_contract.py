@@ -10,12 +10,15 @@ Sources (public repositories, read with the search tool):
 - .../api/controllers/configs_controller.rb (latest required, sql_to_hash: content,id(str),type,name; 201)
 - .../api/controllers/locks_controller.rb (type, resource, timeout, task_id)
 - .../api/controllers/resurrection_controller.rb (PUT /resurrection -> 200)
+- .../api/controllers/task_controller.rb (DELETE /task/:id -> 204 or 400 text), cloud_configs_controller.rb (legacy)
 - .../api/task_manager.rb task_to_hash (id,state,description,timestamp,started_at,result,user,deployment,context_id)
 - .../api/api_helper.rb validate_manifest_yml (BadManifest 440001), errors.rb codes
 - .../jobs/vm_state.rb process_instance (format=full result fields)
 - .../event_log.rb (stage, tags, total, task, index, state, progress, data.error; error lines)
-- cloudfoundry/bosh-cli director/vms.go (VMInfo fields and IsRunning), director/tasks.go-style
-  TaskResp, director/info.go (user_authentication type/options.url)
+- cloudfoundry/bosh-cli director/vms.go (VMInfo fields, vitals as strings, IsRunning),
+  director/tasks.go (TaskResp: id, started_at, timestamp, state, user, deployment, description,
+  result, context_id; verbose 1|2; DELETE /task/:id), director/info.go (InfoResp,
+  user_authentication type + options, features[*].status)
 """
 
 from __future__ import annotations
@@ -340,3 +343,32 @@ async def test_cancel_a_queued_task(fake_world):
     late = await client.req("DELETE", f"/task/{first}")
     assert late.status_code == 400 and late.text == f"Cannot cancel task {first}: invalid state (done)"
     assert len(await client.vms("cancel")) == 1
+
+
+async def test_smaller_routes(fake_world):
+    """configs_controller.rb get '/:id'; deployments_controller.rb get jobs/:job/:index_or_id, variables,
+    errands runs; cloud_configs_controller.rb (legacy list: properties, created_at)."""
+    _, client = fake_world
+    [latest] = (await client.req("GET", "/configs", params={"type": "cloud", "latest": "true"})).json()
+    one = await client.req("GET", f"/configs/{latest['id']}")
+    assert one.status_code == 200 and one.json() == latest
+    assert (await client.req("GET", "/configs/abc")).status_code == 400
+    legacy = (await client.req("GET", "/cloud_configs", params={"limit": "1"})).json()
+    assert set(legacy[0]) == {"properties", "created_at"} and legacy[0]["properties"] == latest["content"]
+    assert len(legacy) == 1 and legacy[0]["created_at"].endswith(" UTC")
+    no_limit = await client.req("GET", "/cloud_configs")
+    assert no_limit.status_code == 400 and no_limit.text == "limit is required"
+
+    await client.deploy(manifest("small-routes", instances=1))
+    [row] = await client.vms("small-routes")
+    job = (await client.req("GET", f"/deployments/small-routes/jobs/postgres/{row['id']}")).json()
+    assert job == {"deployment": "small-routes", "job": "postgres", "index": 0, "id": row["id"],
+                   "state": "started", "disks": [row["disk_cid"]]}
+    variables = (await client.req("GET", "/deployments/small-routes/variables")).json()
+    assert {v["name"].rsplit("/", 1)[1] for v in variables} == {"admin_password", "replication_password"}
+    assert all(set(v) == {"id", "name"} for v in variables)
+    errand = await client.req("POST", "/deployments/small-routes/errands/smoke-tests/runs",
+                              json={"keep-alive": False, "when-changed": False, "instances": []})
+    task = await client.wait(await client.task_of(errand))
+    assert task["state"] == "error" and "smoke-tests" in task["result"]
+    assert task["description"] == "run errand smoke-tests from deployment small-routes"
