@@ -11,15 +11,18 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
 from controller.node.config import AgentConfig, Peer, PostgresJobProperties
+from controller.node.hooks import HookEvent, HookEvents, install_hooks, publish_promotion
 from controller.node.layout import NodeLayout
 from controller.node.pgconf import (
     INCLUDE_LINE,
@@ -34,7 +37,8 @@ from controller.node.pgconf import (
     render_repmgr_conf,
 )
 from controller.node.processes import PostgresServer, RepmgrDaemon
-from controller.node.runas import RunAs
+from controller.node.rejoin import move_aside, rewind
+from controller.node.runas import CommandFailed, RunAs
 from controller.node.supervisor import Backoff, ProcessState, Supervisor
 
 log = logging.getLogger(__name__)
@@ -109,6 +113,26 @@ def judge_former_primary(
     return FormerPrimaryVerdict(start=True)
 
 
+WAL_NAME = re.compile(r"^([0-9A-F]{8})(?:[0-9A-F]{16}|\.history)$")
+
+
+def newest_wal_timeline(pg_wal: Path) -> int | None:
+    """The highest timeline among the WAL segments and history files in pg_wal."""
+    try:
+        names = os.listdir(pg_wal)
+    except OSError:
+        return None
+    timelines = [int(m.group(1), 16) for name in names if (m := WAL_NAME.match(name))]
+    return max(timelines, default=None)
+
+
+def failover_window(props: PostgresJobProperties) -> float:
+    """How long after a primary's death repmgrd may still promote a standby: the
+    failed check, the reconnect attempts, one more monitoring round and the promotion."""
+    repmgr = props.repmgr
+    return float(repmgr.reconnect_attempts * repmgr.reconnect_interval + 2 * repmgr.monitor_interval_secs + 2)
+
+
 class PostgresJob:
     def __init__(
         self,
@@ -131,6 +155,7 @@ class PostgresJob:
         self.error: str | None = None
         self._provisioned = False
         self._task: asyncio.Task[None] | None = None
+        self.hook_events = HookEvents(self.layout, node_id(config), self._on_promoted)
 
     # --- public ------------------------------------------------------------------
     def start(self) -> None:
@@ -150,6 +175,7 @@ class PostgresJob:
             self._task = None
         self.provisioning = False
         self._provisioned = False
+        await self.hook_events.stop()
         for supervisor in reversed(self.supervisors):
             await supervisor.stop()
         # A postmaster we did not start (repmgr's pg_ctl) is stopped as well.
@@ -217,7 +243,9 @@ class PostgresJob:
             self._wipe_data_dir()
             await self._clone(primary)
         elif plan is Provisioning.REUSE and not self.layout.data_dir_is_standby():
-            await self._refuse_second_primary()
+            current = await self._refuse_second_primary()
+            if current is not None and not await self._rejoin(current):
+                plan = Provisioning.CLONE  # the old data directory is aside now
         self._write_server_config()
         postgres = self.supervisors[0]
         postgres.start()
@@ -230,6 +258,7 @@ class PostgresJob:
         if plan is not Provisioning.REUSE:
             self.layout.provisioned_marker.write_text(f"{plan.value}\n")
         await self._wait_for_local_node_record()
+        self.hook_events.start()
         self.supervisors[1].start()
         await self.supervisors[1].wait_running(30)
         log.info("job postgres running")
@@ -250,6 +279,7 @@ class PostgresJob:
         self.run_as.make_dir(layout.postgres_root, 0o700)
         self.run_as.write_file(layout.pgpass, render_pgpass(self.props), 0o600)
         self.run_as.write_file(layout.repmgr_conf, render_repmgr_conf(self.config, self.props, layout), 0o640)
+        install_hooks(layout, self.run_as.uid, self.run_as.gid)
 
     def _wipe_data_dir(self) -> None:
         if self.layout.data_dir.exists():
@@ -431,33 +461,74 @@ class PostgresJob:
                 logged = True
             await asyncio.sleep(PRIMARY_WAIT_POLL)
 
-    async def _refuse_second_primary(self) -> None:
+    async def _refuse_second_primary(self) -> Peer | None:
         """This disk held a primary. If another node was promoted meanwhile, starting
-        ours would split the cluster in two (see judge_former_primary)."""
+        ours would split the cluster in two (see judge_former_primary): return the
+        writable peer to rejoin instead, None to start as the primary.
+
+        Peers that answer as standbys may be electing a new primary right now (this
+        node died a moment ago): within `failover_window()` of the job's start a
+        writable peer may still appear, so the former primary waits that long
+        before it starts as the primary. A promotion seen only as a newer timeline
+        (its primary is down) is refused; the job retries and rejoins once a primary
+        answers."""
         own_timeline = await self._own_timeline()
-        deadline = asyncio.get_running_loop().time() + FORMER_PRIMARY_PEER_WAIT
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FORMER_PRIMARY_PEER_WAIT
+        settle_until = loop.time() + failover_window(self.props)
         while True:
             peers = self.current_peers()
             roles = list(await asyncio.gather(*(self._probe_peer(peer) for peer in peers)))
-            waited_enough = asyncio.get_running_loop().time() > deadline
-            verdict = judge_former_primary(own_timeline, roles, waited_enough=waited_enough)
+            writable = [role.peer for role in roles if role is not None and role.writable]
+            if writable:
+                log.warning("this disk holds a former primary but %s is writable: rejoining", writable[0].address)
+                return writable[0]
+            verdict = judge_former_primary(own_timeline, roles, waited_enough=loop.time() > deadline)
             if verdict.start:
+                if any(role is not None for role in roles) and loop.time() < settle_until:
+                    await asyncio.sleep(PRIMARY_WAIT_POLL)
+                    continue
                 if peers and all(role is None for role in roles):
                     log.warning("no peer answered in %.0f s; starting the former primary", FORMER_PRIMARY_PEER_WAIT)
-                return
+                return None
             if not verdict.wait:
                 break
             await asyncio.sleep(PRIMARY_WAIT_POLL)
-        # TODO(HA): rejoin as a standby of the new primary here (repmgr node rejoin
-        # --force-rewind, or a fresh clone when rewind fails) instead of refusing.
         raise ProvisioningRefused(
             f"this disk holds a former primary but {verdict.reason}; "
-            "refusing to start a second primary (rejoin not implemented yet)"
+            "refusing to start a second primary (it rejoins once the new primary answers)"
         )
+
+    async def _rejoin(self, primary: Peer) -> bool:
+        """repmgr node rejoin --force-rewind; True when the rewound node is ready to
+        start as a standby, False when it fell back to a fresh clone (then the caller
+        registers it like any clone)."""
+        try:
+            await rewind(self.layout, self.run_as, primary, self.props)
+        except CommandFailed as error:
+            log.error("rejoin with pg_rewind failed, cloning afresh: %s", error)
+            await self.postgres.terminate()
+            move_aside(self.layout)
+            self.layout.provisioned_marker.unlink(missing_ok=True)
+            self.run_as.make_dir(self.layout.data_dir, 0o700)
+            await self._clone(primary)
+            return False
+        # repmgr started the server with pg_ctl (outside the VM's process group):
+        # stop it so that the supervisor runs it as our child.
+        await self.postgres.terminate()
+        log.info("rejoined as a standby of %s (index %d)", primary.address, primary.index)
+        return True
+
+    async def _on_promoted(self, event: HookEvent) -> None:
+        log.info("repmgr promoted this node; publishing it as the primary")
+        await publish_promotion(self.config, self.props)
 
     async def _own_timeline(self) -> int | None:
         output = await self.run_as.run(
             [self.layout.binary("pg_controldata"), "-D", self.layout.data_dir], time_limit=30, quiet=True
         )
         match = re.search(r"^Latest checkpoint's TimeLineID:\s+(\d+)", output, re.MULTILINE)
-        return int(match.group(1)) if match else None
+        checkpoint = int(match.group(1)) if match else None
+        # A node promoted and killed before its first checkpoint on the new timeline
+        # still has the old one in pg_control; its WAL already names the new one.
+        return max(filter(None, [checkpoint, newest_wal_timeline(self.layout.data_dir / "pg_wal")]), default=None)

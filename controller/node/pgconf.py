@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from controller.node.config import AgentConfig, PostgresJobProperties
+from controller.node.config import AgentConfig, Peer, PostgresJobProperties
+from controller.node.hooks import repmgr_hook_settings
 from controller.node.layout import NodeLayout
 
 REPMGR_USER = "repmgr"
@@ -59,8 +60,9 @@ def render_postgresql_conf(
         "password_encryption": "scram-sha-256",
     }
     if pg.replication.mode == "sync":
-        # Any n of the standbys (application_name = repmgr node_name) must confirm.
-        settings["synchronous_standby_names"] = f"ANY {pg.replication.sync_standbys} (*)"
+        names = sync_standby_names(config, pg.replication.sync_standbys)
+        if names:
+            settings["synchronous_standby_names"] = names
     settings.update({k: v for k, v in user.items() if k not in MANAGED_PARAMETERS})
     settings.update(
         {
@@ -77,6 +79,30 @@ def render_postgresql_conf(
     lines = ["# Written by the pgbosh node agent at every start; edits are overwritten."]
     lines += [f"{name} = {quote_conf(value)}" for name, value in settings.items()]
     return "\n".join(lines) + "\n", ignored
+
+
+def peer_node_name(config: AgentConfig, peer: Peer) -> str:
+    """repmgr's node_name of a peer: the application_name its walreceiver reports."""
+    return peer.id or f"{config.instance_group}-{peer.index}"
+
+
+def sync_standby_names(config: AgentConfig, count: int, peers: list[Peer] | None = None) -> str:
+    """`ANY n ("a", "b")` over every other node of the instance group.
+
+    Quorum commit: a commit is acknowledged once n of the listed standbys flushed it,
+    and repmgrd promotes the standby with the most WAL received, so a failover keeps
+    every acknowledged commit. The list names all peers (not `*`: a pg_basebackup with
+    a slot also reports flush positions and must never count), so it is already
+    right on whichever standby repmgrd promotes; the agent rewrites it when the
+    director changes the peers. n is capped at the number of peers; with none, the
+    setting is left out (a single node cannot be synchronous).
+    """
+    others = config.other_peers() if peers is None else peers
+    names = sorted(peer_node_name(config, peer) for peer in others)
+    if not names:
+        return ""
+    quoted = ", ".join('"' + name.replace('"', '""') + '"' for name in names)
+    return f"ANY {min(count, len(names))} ({quoted})"
 
 
 def render_pg_hba(config: AgentConfig) -> str:
@@ -136,8 +162,6 @@ def pg_ctl_command(layout: NodeLayout, action: str) -> str:
 
 
 def render_repmgr_conf(config: AgentConfig, job: PostgresJobProperties, layout: NodeLayout) -> str:
-    repmgr = layout.binary("repmgr")
-    conf = layout.repmgr_conf
     values: list[tuple[str, str | int]] = [
         ("node_id", node_id(config)),
         ("node_name", config.node_name),
@@ -156,16 +180,35 @@ def render_repmgr_conf(config: AgentConfig, job: PostgresJobProperties, layout: 
         ("log_level", "INFO"),
         ("repmgrd_pid_file", str(layout.repmgrd_pid_file)),
         ("failover", job.repmgr.failover),
-        ("promote_command", f"{repmgr} standby promote -f {conf} --log-to-file"),
-        ("follow_command", f"{repmgr} standby follow -f {conf} --log-to-file --upstream-node-id=%n"),
+        # Shell hooks (controller/node/hooks.py): repmgr's own promote/follow, then a
+        # line to the agent, which moves Consul's master record at once.
+        *repmgr_hook_settings(config, layout),
         ("monitor_interval_secs", job.repmgr.monitor_interval_secs),
         ("reconnect_attempts", job.repmgr.reconnect_attempts),
         ("reconnect_interval", job.repmgr.reconnect_interval),
-        # repmgr's default (false). With 1 s monitoring, "true" cancelled elections
-        # because a sibling had seen the dead primary 1 s earlier, and the cluster
-        # stayed without a primary (tests/node/test_failover.py). Whether to turn it
-        # on, with slower detection, is the HA work's measurement to make.
+        # Failover timing (docs/local-world.md "Failover timings"): repmgrd checks the
+        # upstream every monitor_interval_secs; once a check fails it retries
+        # reconnect_attempts times, reconnect_interval apart, then elects. With the
+        # manifest's 1/2/1 a dead primary is declared dead 2-3 s after it died.
+        # connection_check_type 'ping' (PQping, repmgr's default): it needs no backend
+        # slot and no authentication, so a primary saturated by clients (even at
+        # max_connections) still answers; 'connection' and 'query' would turn load
+        # into false failovers.
+        ("connection_check_type", "ping"),
+        # repmgr's default (false), kept on purpose. With 1 s monitoring "true"
+        # cancelled elections because a sibling had seen the dead primary within the
+        # last second, and the cluster stayed without a primary (measured with
+        # tests/node/test_failover.py). Split-brain protection comes instead from
+        # the agent fencing an isolated primary, sync mode's quorum commit, and the
+        # operator fencing a second writable node (docs/local-world.md).
         ("primary_visibility_consensus", "false"),
+        # Off (repmgr's default): with it every standby would first wait up to
+        # sibling_nodes_disconnect_timeout for the others to drop their WAL
+        # receivers; the primary is gone already, the LSN comparison is stable.
+        ("standby_disconnect_on_failover", "false"),
+        # A follower waits this long for the winner's notification, then re-elects.
+        ("primary_notification_timeout", 10),
+        ("election_rerun_interval", 5),
         ("service_start_command", pg_ctl_command(layout, "start")),
         ("service_stop_command", pg_ctl_command(layout, "stop")),
         ("service_restart_command", pg_ctl_command(layout, "restart")),

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from controller.node.procinfo import pid_alive
-
 from .cluster import Node, agent_log_tail, running_cluster, wait_for
 
 pytestmark = pytest.mark.slow
@@ -67,23 +65,6 @@ def test_vm_death_promotes_the_highest_priority_standby(cluster: list[Node]) -> 
     )
 
 
-def test_former_primary_refuses_to_start_beside_the_new_primary(cluster: list[Node]) -> None:
-    old_primary, new_primary, _ = cluster
-    assert role(new_primary) == "primary"
-    old_primary.generation += 1  # the resurrected VM, on its old disk
-    old_primary.start_agent()
-    old_primary.start_job()
-    status = wait_for(
-        lambda: (s := old_primary.status()) is not None and s.get("job_state") == "failing" and s, 30, "refusal"
-    )
-    assert "refusing to start a second primary" in status["error"], agent_log_tail(old_primary)
-    assert new_primary.address in status["error"]
-    # The killed postmaster left its pid file behind; what matters is that none runs.
-    pid_file = old_primary.disk / "postgres" / "data" / "postmaster.pid"
-    assert not pid_file.exists() or not pid_alive(old_primary.postmaster_pid())
-    assert role(new_primary) == "primary"
-
-
 def test_former_primary_refuses_when_only_a_follower_of_the_new_primary_answers(cluster: list[Node]) -> None:
     """The promoted node is gone too; the follower's newer timeline still tells the old
     primary that it is stale."""
@@ -107,3 +88,30 @@ def test_former_primary_refuses_when_only_a_follower_of_the_new_primary_answers(
         os.kill(repmgrd, signal.SIGCONT)
     assert "timeline 2" in status["error"], status["error"]
     assert "refusing to start a second primary" in status["error"]
+
+
+def test_former_primary_rejoins_as_a_standby_once_a_primary_answers(cluster: list[Node]) -> None:
+    """After the previous test node 1 (the new primary) is gone and node 2 alone does not
+    promote itself (repmgrd wants a majority of nodes visible). Node 1's VM comes back
+    on its disk: it held the newest timeline, so it starts as the primary once the
+    failover window has passed. The refused node 0 keeps retrying and rejoins it with
+    pg_rewind (repmgr node rejoin --force-rewind): it never serves writes."""
+    old_primary, new_primary, follower = cluster
+    new_primary.generation += 1
+    new_primary.start_agent()
+    new_primary.start_job()
+    wait_for(lambda: role(new_primary) == "primary", 90, "node 1 primary again")
+    try:
+        wait_for(lambda: (old_primary.status() or {}).get("job_state") == "running", 120, "old primary rejoined")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{agent_log_tail(old_primary)}") from None
+    wait_for(lambda: role(old_primary) == "standby", 10, "node 0 a standby")  # /status caches the role 1 s
+    assert role(follower) == "standby"
+    wait_for(lambda: "node-0" in streaming_from(new_primary), 30, "node 0 streams from node 1")
+    with new_primary.connect() as conn:
+        conn.execute("INSERT INTO notes (note) VALUES ('after the rejoin')")
+    wait_for(
+        lambda: "after the rejoin" in {str(r[0]) for r in old_primary.connect().execute("SELECT note FROM notes")},
+        30,
+        "row on the rejoined node",
+    )

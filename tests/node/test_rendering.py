@@ -78,9 +78,12 @@ def test_postgresql_conf_keeps_managed_settings_and_merges_preload() -> None:
 
 
 def test_sync_mode_names_any_n_standbys() -> None:
-    config, job = parsed(agent_json(replication={"mode": "sync", "sync_standbys": 2}))
+    data = agent_json(replication={"mode": "sync", "sync_standbys": 2})
+    data["peers"] = [{"index": i, "id": f"uuid-{i}", "address": f"127.1.0.1{i}"} for i in range(3)]
+    config, job = parsed(data)
     conf, _ = render_postgresql_conf(config, job, NodeLayout.for_config(config, 15))
-    assert "synchronous_standby_names = 'ANY 2 (*)'" in conf
+    # Every other peer by its repmgr node_name (the walreceiver's application_name).
+    assert "synchronous_standby_names = 'ANY 2 (\"uuid-0\", \"uuid-2\")'" in conf
 
 
 def test_repmgr_conf_is_per_node() -> None:
@@ -95,11 +98,11 @@ def test_repmgr_conf_is_per_node() -> None:
     assert "priority=90\n" in text
     assert "failover='automatic'" in text
     assert "monitor_interval_secs=1\n" in text
-    assert (
-        "promote_command='/usr/lib/postgresql/15/bin/repmgr standby promote -f /var/vcap/vm/repmgr.conf --log-to-file'"
-        in text
-    )
-    assert "--upstream-node-id=%n'" in text
+    # Shell hooks in the VM directory (controller/node/hooks.py) run repmgr's own
+    # promote/follow and then tell the agent.
+    assert "promote_command='/var/vcap/vm/hooks/promote 2'" in text
+    assert "follow_command='/var/vcap/vm/hooks/follow %n'" in text
+    assert "event_notification_command='/var/vcap/vm/hooks/event %n %e %s'" in text
     assert "pg_ctl -D /var/vcap/disk/postgres/data" in text
     assert SECRET not in text
 

@@ -22,7 +22,8 @@ def test_sync_standby_confirms_commits(cluster: list[Node]) -> None:
     primary, standby = cluster
     with primary.connect("postgres") as conn:
         row = conn.execute("SHOW synchronous_standby_names").fetchone()
-        assert row is not None and row[0] == "ANY 1 (*)"
+        # The other peers by name (never `*`): see pgconf.sync_standby_names.
+        assert row is not None and row[0] == 'ANY 1 ("node-1")'
         wait_for(
             lambda: (
                 conn.execute("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'node-1'").fetchone()
