@@ -47,7 +47,11 @@ def build_parser(available: dict[str, tuple[str, str]] | None = None) -> argpars
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Import only the part the command needs (each part pulls in its own libraries).
+    chosen = {args_list[0]: COMMANDS[args_list[0]]} if args_list and args_list[0] in COMMANDS else None
+    parser = build_parser(chosen)
+    argv = args_list
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:

@@ -182,6 +182,14 @@ def dump_manifest(doc: dict[str, Any]) -> str:
     )
 
 
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _load(text: str) -> Any:
+    # libyaml's parser when PyYAML has it: the operator parses manifests on every full check.
+    return yaml.load(text, Loader=_Loader)
+
+
 def render_manifest(
     namespace: str, name: str, spec: PostgresClusterSpec, config: BoshConfig | None = None
 ) -> str:
@@ -209,13 +217,13 @@ def interpolate(manifest_text: str, values: dict[str, str]) -> str:
     Works on the parsed document, so a value with YAML syntax in it (quotes, colons, `#`)
     stays a plain string. Placeholders not in `values` are left for the Director.
     """
-    doc = yaml.safe_load(manifest_text)
+    doc = _load(manifest_text)
     return dump_manifest(_interpolate_value(doc, values))
 
 
 def manifests_equal(a: str, b: str) -> bool:
     """Whether two manifest texts mean the same document (formatting and key order aside)."""
-    return bool(yaml.safe_load(a) == yaml.safe_load(b))
+    return bool(_load(a) == _load(b))
 
 
 def _have(names: list[str] | tuple[str, ...]) -> str:
