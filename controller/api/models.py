@@ -407,37 +407,19 @@ def set_condition(
     generation: int | None,
 ) -> list[Condition]:
     """Conditions with one replaced; lastTransitionTime moves only when status changes."""
-    result: list[Condition] = []
-    found = False
-    for cond in conditions:
-        if cond.type == type_:
-            found = True
-            moved = cond.status != status
-            result.append(
-                Condition.model_validate(
-                    {
-                        "type": type_,
-                        "status": status,
-                        "reason": reason,
-                        "message": message,
-                        "lastTransitionTime": now_rfc3339() if moved else cond.last_transition_time,
-                        "observedGeneration": generation,
-                    }
-                )
-            )
-        else:
-            result.append(cond)
-    if not found:
-        result.append(
-            Condition.model_validate(
-                {
-                    "type": type_,
-                    "status": status,
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": now_rfc3339(),
-                    "observedGeneration": generation,
-                }
-            )
-        )
-    return result
+    old = next((c for c in conditions if c.type == type_), None)
+    replacement = Condition.model_validate(
+        {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": old.last_transition_time
+            if old is not None and old.status == status
+            else now_rfc3339(),
+            "observedGeneration": generation,
+        }
+    )
+    if old is None:
+        return [*conditions, replacement]
+    return [replacement if c is old else c for c in conditions]

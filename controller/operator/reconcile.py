@@ -315,25 +315,11 @@ async def execute(rt: Runtime, body: dict[str, Any], result: Plan, manifest: str
                     if found is None:
                         raise
                     task = found
-            result.status.bosh_task = models.BoshTaskStatus.model_validate(
-                {
-                    "id": task.id,
-                    "state": task.state,
-                    "description": task.description or "create deployment",
-                    "startedAt": models.now_rfc3339(),
-                }
-            )
+            _record_task(result, task.id, task.state, task.description or "create deployment")
         elif isinstance(action, DeleteDeployment):
             task_id_or_none = await rt.director.delete_deployment(action.deployment, context_id=ctx)
             if task_id_or_none is not None:
-                result.status.bosh_task = models.BoshTaskStatus.model_validate(
-                    {
-                        "id": task_id_or_none,
-                        "state": "queued",
-                        "description": "delete deployment",
-                        "startedAt": models.now_rfc3339(),
-                    }
-                )
+                _record_task(result, task_id_or_none, "queued", "delete deployment")
         elif isinstance(action, SetResurrection):
             await rt.director.set_resurrection(
                 result.status.deployment or "", rt.bosh.instance_group, action.instance_id, paused=action.paused
@@ -352,14 +338,7 @@ async def execute(rt: Runtime, body: dict[str, Any], result: Plan, manifest: str
             task_id = await rt.director.change_job_state(
                 result.status.deployment or "", rt.bosh.instance_group, action.instance_id, state, context_id=ctx
             )
-            result.status.bosh_task = models.BoshTaskStatus.model_validate(
-                {
-                    "id": task_id,
-                    "state": "queued",
-                    "description": f"{state} instance",
-                    "startedAt": models.now_rfc3339(),
-                }
-            )
+            _record_task(result, task_id, "queued", f"{state} instance")
         elif isinstance(action, WithdrawService):
             if rt.publisher is not None:
                 try:
@@ -369,6 +348,12 @@ async def execute(rt: Runtime, body: dict[str, Any], result: Plan, manifest: str
             continue
         # Record what was started before anything waits on it.
         await rt.kube.merge_patch(cluster_path(meta["namespace"], meta["name"], "status"), status_patch(result.status))
+
+
+def _record_task(result: Plan, task_id: int, state: str, description: str) -> None:
+    result.status.bosh_task = models.BoshTaskStatus.model_validate(
+        {"id": task_id, "state": state, "description": description, "startedAt": models.now_rfc3339()}
+    )
 
 
 async def _started_since(rt: Runtime, result: Plan, ctx: str) -> Task | None:
