@@ -244,8 +244,9 @@ class PostgresJob:
             await self._clone(primary)
         elif plan is Provisioning.REUSE and not self.layout.data_dir_is_standby():
             current = await self._refuse_second_primary()
-            if current is not None and not await self._rejoin(current):
-                plan = Provisioning.CLONE  # the old data directory is aside now
+            if current is not None:
+                await self._rejoin(current)
+                plan = Provisioning.CLONE  # registered as a standby below, like a clone
         self._write_server_config()
         postgres = self.supervisors[0]
         postgres.start()
@@ -499,25 +500,21 @@ class PostgresJob:
             "refusing to start a second primary (it rejoins once the new primary answers)"
         )
 
-    async def _rejoin(self, primary: Peer) -> bool:
-        """repmgr node rejoin --force-rewind; True when the rewound node is ready to
-        start as a standby, False when it fell back to a fresh clone (then the caller
-        registers it like any clone)."""
+    async def _rejoin(self, primary: Peer) -> None:
+        """pg_rewind onto the new primary (controller/node/rejoin.py); when that fails
+        the old data directory is moved aside and the node is cloned afresh. Either
+        way the caller registers it as a standby like a clone."""
         try:
-            await rewind(self.layout, self.run_as, primary, self.props)
-        except CommandFailed as error:
+            await rewind(self.layout, self.run_as, primary, self.props, self.config.node_name)
+        except (CommandFailed, psycopg.Error) as error:
             log.error("rejoin with pg_rewind failed, cloning afresh: %s", error)
             await self.postgres.terminate()
             move_aside(self.layout)
             self.layout.provisioned_marker.unlink(missing_ok=True)
             self.run_as.make_dir(self.layout.data_dir, 0o700)
             await self._clone(primary)
-            return False
-        # repmgr started the server with pg_ctl (outside the VM's process group):
-        # stop it so that the supervisor runs it as our child.
-        await self.postgres.terminate()
-        log.info("rejoined as a standby of %s (index %d)", primary.address, primary.index)
-        return True
+            return
+        log.info("rewound onto %s (index %d); starting as its standby", primary.address, primary.index)
 
     async def _on_promoted(self, event: HookEvent) -> None:
         log.info("repmgr promoted this node; publishing it as the primary")

@@ -1,15 +1,13 @@
 """A former primary comes back as a standby of the current primary, never as a writer.
 
-1. `repmgr node rejoin --force-rewind`: pg_rewind (data checksums and wal_log_hints
-   are on) takes back whatever this node wrote after the timelines forked, repmgr
-   writes standby.signal and primary_conninfo and updates its metadata.
+1. Crash recovery is finished in single-user mode (pg_rewind wants a cleanly shut
+   down target), then pg_rewind (data checksums and wal_log_hints are on) takes back
+   whatever this node wrote after the timelines forked; the agent writes
+   standby.signal and primary_conninfo, starts it as its own child and runs
+   `repmgr standby register --force` (repmgr's metadata).
 2. When that fails (the fork point's WAL is gone, a broken disk...), the old data
    directory is moved aside (one copy is kept: `data.former-primary`) and the node
    is cloned afresh from the primary.
-
-repmgr starts the rejoined server with `service_start_command` (pg_ctl, which
-detaches it from the VM's process group); the agent stops it again so that its own
-supervisor launches the postmaster as a child it owns.
 """
 
 from __future__ import annotations
@@ -17,17 +15,16 @@ from __future__ import annotations
 import logging
 import shutil
 
+import psycopg
+
 from controller.node.config import Peer, PostgresJobProperties
 from controller.node.layout import NodeLayout
-from controller.node.pgconf import PGBOSH_CONF, REPMGR_DATABASE, REPMGR_USER
+from controller.node.pgconf import REPMGR_DATABASE, REPMGR_USER, quote_conf
 from controller.node.runas import CommandFailed, RunAs
 
 log = logging.getLogger(__name__)
 
-REJOIN_TIME_LIMIT = 600.0
-# Files pg_rewind would copy from the primary (its listen address, its hba) but that
-# belong to this node; repmgr keeps them across the rewind.
-KEPT_CONFIG_FILES = ("postgresql.conf", PGBOSH_CONF, "pg_hba.conf", "pg_ident.conf")
+REJOIN_TIME_LIMIT = 300.0
 ASIDE_SUFFIX = ".former-primary"
 
 
@@ -38,20 +35,21 @@ def primary_conninfo(primary: Peer, props: PostgresJobProperties) -> str:
     )
 
 
-def rejoin_command(layout: NodeLayout, primary: Peer, props: PostgresJobProperties) -> list[str]:
-    return [
-        str(layout.binary("repmgr")),
-        "-f",
-        str(layout.repmgr_conf),
-        "node",
-        "rejoin",
-        "-d",
-        primary_conninfo(primary, props),
-        "--force-rewind",
-        f"--config-files={','.join(KEPT_CONFIG_FILES)}",
-        f"--config-archive-dir={layout.socket_dir / 'rejoin-config'}",
-        "--verbose",
-    ]
+async def checkpoint(primary: Peer, props: PostgresJobProperties) -> None:
+    """A primary promoted moments ago still has the old timeline in pg_control until
+    its first checkpoint, and pg_rewind reads the source's timeline from there: it
+    would say "source and target cluster are on the same timeline; no rewind
+    required" (PostgreSQL's pg_rewind docs ask for this CHECKPOINT)."""
+    async with await psycopg.AsyncConnection.connect(
+        host=primary.address,
+        port=props.postgres.port,
+        user=REPMGR_USER,
+        password=props.postgres.replication_password.get_secret_value(),
+        dbname=REPMGR_DATABASE,
+        connect_timeout=5,
+        autocommit=True,
+    ) as conn:
+        await conn.execute("CHECKPOINT")
 
 
 async def cluster_state(layout: NodeLayout, run_as: RunAs) -> str:
@@ -78,11 +76,39 @@ async def finish_crash_recovery(layout: NodeLayout, run_as: RunAs) -> None:
     )
 
 
-async def rewind(layout: NodeLayout, run_as: RunAs, primary: Peer, props: PostgresJobProperties) -> None:
-    (layout.socket_dir / "rejoin-config").mkdir(exist_ok=True)
-    run_as.chown(layout.socket_dir / "rejoin-config", 0o700)
+async def rewind(
+    layout: NodeLayout, run_as: RunAs, primary: Peer, props: PostgresJobProperties, application_name: str
+) -> None:
+    """pg_rewind this stopped former primary onto `primary` and make it a standby of it.
+
+    Not `repmgr node rejoin --force-rewind`, which was tried first (measured in
+    tests/ha/test_node_loss.py): repmgr decides whether to rewind from the latest
+    checkpoint's location, and after crash recovery that checkpoint can sit exactly
+    at the fork point, so it skipped pg_rewind and the standby looped on "requested
+    timeline 2 is not a child of this server's history"; and the server repmgr
+    starts (pg_ctl) sat in state "startup" for node_rejoin_timeout. pg_rewind reads
+    the WAL itself. The caller starts the server and runs `repmgr standby register
+    --force` for repmgr's metadata.
+    """
     await finish_crash_recovery(layout, run_as)
-    await run_as.run(rejoin_command(layout, primary, props), time_limit=REJOIN_TIME_LIMIT)
+    await checkpoint(primary, props)
+    await run_as.run(
+        [layout.binary("pg_rewind"), "-D", layout.data_dir, f"--source-server={primary_conninfo(primary, props)}"],
+        time_limit=REJOIN_TIME_LIMIT,
+    )
+    # pg_rewind copied the primary's postgresql.auto.conf; this node's own settings
+    # (pgbosh.conf, pg_hba, pg_ident) are rewritten before every start anyway.
+    conninfo = (
+        f"host={primary.address} port={props.postgres.port} user={REPMGR_USER} "
+        f"application_name={application_name} connect_timeout=2"
+    )
+    auto_conf = (
+        "# Written by the pgbosh node agent after pg_rewind (rejoin).\n"
+        f"primary_conninfo = {quote_conf(conninfo)}\n"
+        "recovery_target_timeline = 'latest'\n"
+    )
+    run_as.write_file(layout.data_dir / "postgresql.auto.conf", auto_conf, 0o600)
+    run_as.write_file(layout.data_dir / "standby.signal", "", 0o600)
 
 
 def move_aside(layout: NodeLayout) -> None:
@@ -94,4 +120,10 @@ def move_aside(layout: NodeLayout) -> None:
         log.warning("moved the former primary's data directory to %s", aside)
 
 
-__all__ = ["CommandFailed", "cluster_state", "finish_crash_recovery", "move_aside", "rejoin_command", "rewind"]
+__all__ = [
+    "CommandFailed",
+    "cluster_state",
+    "finish_crash_recovery",
+    "move_aside",
+    "rewind",
+]
