@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,10 @@ PRIMARY_WAIT_POLL = 1.0
 # A former primary waits this long for some peer to answer before it starts alone.
 FORMER_PRIMARY_PEER_WAIT = 30.0
 PROVISION_RETRY_MAX = 30.0
+SYNC_NAMES_POLL = 5.0
+# The isolation guard on the primary checks its peers this often.
+ISOLATION_POLL = 1.0
+ISOLATION_CONNECT_TIMEOUT = 1.0
 POSTGRES_READY_TIMEOUT = 300.0
 
 
@@ -156,6 +161,9 @@ class PostgresJob:
         self._provisioned = False
         self._task: asyncio.Task[None] | None = None
         self.hook_events = HookEvents(self.layout, node_id(config), self._on_promoted)
+        self._sync_names_task: asyncio.Task[None] | None = None
+        self._guard_task: asyncio.Task[None] | None = None
+        self._fenced = False
 
     # --- public ------------------------------------------------------------------
     def start(self) -> None:
@@ -175,7 +183,7 @@ class PostgresJob:
             self._task = None
         self.provisioning = False
         self._provisioned = False
-        await self.hook_events.stop()
+        await self._stop_helpers()
         for supervisor in reversed(self.supervisors):
             await supervisor.stop()
         # A postmaster we did not start (repmgr's pg_ctl) is stopped as well.
@@ -224,6 +232,7 @@ class PostgresJob:
             self.error = None
             self.provisioning = False
             self._provisioned = True
+            self._fenced = False
             return
 
     async def _provision_and_start(self) -> None:
@@ -260,6 +269,9 @@ class PostgresJob:
             self.layout.provisioned_marker.write_text(f"{plan.value}\n")
         await self._wait_for_local_node_record()
         self.hook_events.start()
+        if self.props.postgres.replication.mode == "sync":
+            self._sync_names_task = asyncio.create_task(self._keep_sync_names(), name="sync-standby-names")
+        self._guard_task = asyncio.create_task(self._guard_isolation(), name="isolation-guard")
         self.supervisors[1].start()
         await self.supervisors[1].wait_running(30)
         log.info("job postgres running")
@@ -291,7 +303,7 @@ class PostgresJob:
 
     def _write_server_config(self) -> None:
         data = self.layout.data_dir
-        conf, ignored = render_postgresql_conf(self.config, self.props, self.layout)
+        conf, ignored = render_postgresql_conf(self.config, self.props, self.layout, self.current_peers())
         if ignored:
             log.warning("ignoring parameters the agent manages: %s", ", ".join(ignored))
         self.run_as.write_file(data / PGBOSH_CONF, conf, 0o600)
@@ -484,7 +496,9 @@ class PostgresJob:
             if writable:
                 log.warning("this disk holds a former primary but %s is writable: rejoining", writable[0].address)
                 return writable[0]
-            verdict = judge_former_primary(own_timeline, roles, waited_enough=loop.time() > deadline)
+            # A primary that fenced itself never starts alone again: a peer must answer.
+            waited_enough = loop.time() > deadline and not self._fenced
+            verdict = judge_former_primary(own_timeline, roles, waited_enough=waited_enough)
             if verdict.start:
                 if any(role is not None for role in roles) and loop.time() < settle_until:
                     await asyncio.sleep(PRIMARY_WAIT_POLL)
@@ -515,6 +529,104 @@ class PostgresJob:
             await self._clone(primary)
             return
         log.info("rewound onto %s (index %d); starting as its standby", primary.address, primary.index)
+
+    async def _stop_helpers(self) -> None:
+        await self.hook_events.stop()
+        current = asyncio.current_task()
+        for name in ("_sync_names_task", "_guard_task"):
+            task: asyncio.Task[None] | None = getattr(self, name)
+            setattr(self, name, None)
+            if task is not None and task is not current:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def isolation_fence_after(self) -> float:
+        """About when the majority side's repmgrd promotes: the failed check and the
+        reconnect attempts (3 s with the manifest's timings)."""
+        repmgr = self.props.repmgr
+        return float(repmgr.reconnect_attempts * repmgr.reconnect_interval + repmgr.monitor_interval_secs)
+
+    async def _peer_reachable(self, peer: Peer) -> bool:
+        """The peer's host answers on the network from this node's address (a refused
+        connection is an answer too: its VM is there, its postgres is not)."""
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    peer.address, self.props.postgres.port, local_addr=(self.config.address, 0)
+                ),
+                ISOLATION_CONNECT_TIMEOUT,
+            )
+        except ConnectionRefusedError:
+            return True
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    async def _guard_isolation(self) -> None:
+        """A primary cut off from the majority of its instance group stops postgres
+        (immediate shutdown) once the majority may have promoted another node, so that
+        it never accepts writes beside the new primary. It then waits, as a former
+        primary, until a peer answers, and rejoins (or, if nobody was promoted, starts
+        again). Groups of fewer than 3 nodes are never fenced: there is no majority to
+        lose a primary to. Cost: a primary whose peers are all down stops too."""
+        loop = asyncio.get_running_loop()
+        isolated_since: float | None = None
+        while True:
+            await asyncio.sleep(ISOLATION_POLL)
+            peers = self.current_peers()
+            if len(peers) < 2 or await self.role() != "primary":
+                isolated_since = None
+                continue
+            reachable = sum(await asyncio.gather(*(self._peer_reachable(peer) for peer in peers)))
+            if (reachable + 1) * 2 > len(peers) + 1:
+                if isolated_since is not None:
+                    log.info("peers reachable again (%d of %d)", reachable, len(peers))
+                isolated_since = None
+                continue
+            now = loop.time()
+            if isolated_since is None:
+                isolated_since = now
+                log.warning("primary sees %d of %d peers: isolated from the majority?", reachable, len(peers))
+            if now - isolated_since >= self.isolation_fence_after():
+                await self._fence(f"isolated from the majority of peers ({reachable} of {len(peers)} reachable)")
+                return
+
+    async def _fence(self, reason: str) -> None:
+        log.error("fencing this primary: %s; stopping postgres immediately", reason)
+        self._fenced = True
+        self.error = f"fenced: {reason}"
+        pid = self.postgres.current_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGQUIT)  # immediate shutdown: no new writes from now on
+        await self._stop_helpers()
+        for supervisor in reversed(self.supervisors):
+            await supervisor.stop()
+        await self.postgres.terminate()
+        self._provisioned = False
+        # Provision again as a former primary: rejoin the new primary once one answers.
+        self._task = asyncio.create_task(self._run(), name="postgres-job")
+
+    async def _keep_sync_names(self) -> None:
+        """The director rewrites agent.json's peers when the instance group scales:
+        rewrite pgbosh.conf and reload, so that synchronous_standby_names names the
+        standbys that exist (checked every SYNC_NAMES_POLL seconds)."""
+        while True:
+            await asyncio.sleep(SYNC_NAMES_POLL)
+            try:
+                conf, _ = render_postgresql_conf(self.config, self.props, self.layout, self.current_peers())
+                path = self.layout.data_dir / PGBOSH_CONF
+                if path.exists() and path.read_text() != conf:
+                    self.run_as.write_file(path, conf, 0o600)
+                    async with await self.postgres.connect() as conn:
+                        await conn.execute("SELECT pg_reload_conf()")
+                    log.info("peers changed: pgbosh.conf rewritten and reloaded")
+            except (OSError, psycopg.Error) as error:
+                log.warning("could not refresh synchronous_standby_names: %s", error)
 
     async def _on_promoted(self, event: HookEvent) -> None:
         log.info("repmgr promoted this node; publishing it as the primary")

@@ -38,7 +38,7 @@ def quote_conf(value: str) -> str:
 
 
 def render_postgresql_conf(
-    config: AgentConfig, job: PostgresJobProperties, layout: NodeLayout
+    config: AgentConfig, job: PostgresJobProperties, layout: NodeLayout, peers: list[Peer] | None = None
 ) -> tuple[str, list[str]]:
     """pgbosh.conf (included last by postgresql.conf) and the user parameters that were ignored."""
     pg = job.postgres
@@ -60,7 +60,7 @@ def render_postgresql_conf(
         "password_encryption": "scram-sha-256",
     }
     if pg.replication.mode == "sync":
-        names = sync_standby_names(config, pg.replication.sync_standbys)
+        names = sync_standby_names(config, pg.replication.sync_standbys, peers)
         if names:
             settings["synchronous_standby_names"] = names
     settings.update({k: v for k, v in user.items() if k not in MANAGED_PARAMETERS})

@@ -39,3 +39,21 @@ def test_sync_standby_confirms_commits(cluster: list[Node]) -> None:
     with standby.connect() as conn:
         # remote_apply is not asked for, so replay may trail the flush by a moment.
         wait_for(lambda: conn.execute("SELECT count(*) FROM synced").fetchone() == (1,), 10, "row replayed")
+
+
+def test_sync_names_follow_the_peers_in_agent_json(cluster: list[Node]) -> None:
+    """Scaling: the director rewrites agent.json's peers; the primary's agent rewrites
+    pgbosh.conf and reloads, so the new standby is named too."""
+    import json
+
+    primary, _ = cluster
+    config = primary.vm_dir / "agent.json"
+    doc = json.loads(config.read_text())
+    doc["peers"].append({"index": 2, "id": "node-2", "address": "127.0.0.3"})
+    config.write_text(json.dumps(doc))
+    with primary.connect("postgres") as conn:
+        wait_for(
+            lambda: conn.execute("SHOW synchronous_standby_names").fetchone() == ('ANY 1 ("node-1", "node-2")',),
+            20,
+            "synchronous_standby_names naming node-2",
+        )
