@@ -603,9 +603,11 @@ class PostgresJob:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGQUIT)  # immediate shutdown: no new writes from now on
-        await self._stop_helpers()
-        for supervisor in reversed(self.supervisors):
+        # postgres' supervisor first, or it would restart the postmaster while
+        # repmgrd (stuck on the cut network) takes its time to stop.
+        for supervisor in self.supervisors:
             await supervisor.stop()
+        await self._stop_helpers()
         await self.postgres.terminate()
         self._provisioned = False
         # Provision again as a former primary: rejoin the new primary once one answers.

@@ -9,9 +9,11 @@ and any other address, in both directions. Prints one JSON line with the figures
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,19 @@ def main() -> int:
         old_timeline = timeline(old)
         cut_off(old.address)
         cut = time.monotonic()
+        isolated_writes: list[float] = []
+        stop_writer = threading.Event()
+
+        def isolated_writer() -> None:
+            # A client on the isolated side keeps writing; when did it last succeed?
+            while not stop_writer.is_set():
+                with contextlib.suppress(psycopg.Error):
+                    local_write(old)
+                    isolated_writes.append(time.monotonic() - cut)
+                time.sleep(0.1)
+
+        writer = threading.Thread(target=isolated_writer, daemon=True)
+        writer.start()
         try:
             new = wait_for(
                 lambda: next((n for n in cluster.nodes[1:] if n.role() == "primary"), None), 30, "majority promotes"
@@ -92,6 +107,10 @@ def main() -> int:
             result["isolated_refuses_writes_after_s"] = round(time.monotonic() - cut, 2)
             time.sleep(3)
             result["isolated_still_refuses_after_3s"] = refuses_writes(old)
+            stop_writer.set()
+            writer.join(10)
+            result["isolated_writes_accepted"] = len(isolated_writes)
+            result["isolated_last_write_after_s"] = round(isolated_writes[-1], 2) if isolated_writes else None
         except AssertionError as error:
             print(json.dumps({"error": str(error), "logs": agent_log_tail(old)}))
             heal()

@@ -42,6 +42,10 @@ def test_partition_majority_promotes_and_the_isolated_primary_stops_writing() ->
     assert result["majority_promoted_after_s"] < 15
     assert result["isolated_refuses_writes_after_s"] < 20
     assert result["isolated_still_refuses_after_3s"] is True
+    # The isolated primary fenced itself before the majority promoted: no window in
+    # which both sides accepted writes.
+    last = result["isolated_last_write_after_s"]
+    assert last is None or last < result["majority_promoted_after_s"], result
     assert result["rejoined_timeline"] == result["old_timeline"] + 1
     assert "majority side" in result["notes_on_new_primary"]
     # What the isolated primary accepted before it fenced itself is gone (async mode).
