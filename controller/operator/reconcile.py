@@ -379,6 +379,14 @@ async def reconcile_once(rt: Runtime, namespace: str, name: str, *, deleting: bo
         return None
     status = parse_status(body)
     deleting = deleting or bool(body["metadata"].get("deletionTimestamp"))
+    # --- pgbosh switchover (controller/operator/switchover.py): a planned change of primary.
+    switchover_to = (body["metadata"].get("annotations") or {}).get("pgbosh.dev/switchover-to")
+    if switchover_to and not deleting:
+        from controller.operator.switchover import run_requested_switchover
+
+        body = await run_requested_switchover(rt, body, str(switchover_to))
+        status = parse_status(body)
+    # --- end switchover
     try:
         spec = PostgresClusterSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
