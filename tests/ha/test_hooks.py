@@ -142,3 +142,33 @@ def test_promotion_moves_the_master_record(base: Path) -> None:
         config, props = agent_config(base, consul=consul.http_addr)
         assert asyncio.run(publish_promotion(config, props))
         assert dns_a(master_name(), consul.dns_port) == [config.address]
+
+
+def test_own_timeline_includes_the_wal_of_a_promotion_not_yet_checkpointed(base: Path) -> None:
+    from controller.node.job import newest_wal_timeline
+
+    wal = base / "pg_wal"
+    wal.mkdir()
+    assert newest_wal_timeline(wal) is None
+    (wal / "000000010000000000000004").touch()
+    (wal / "00000002.history").touch()
+    (wal / "archive_status").mkdir()
+    assert newest_wal_timeline(wal) == 2
+    (wal / "0000000A0000000000000001.partial").touch()  # not a segment name we read
+    assert newest_wal_timeline(wal) == 2
+
+
+def test_failover_window_follows_the_repmgr_timings(base: Path) -> None:
+    from controller.node.job import failover_window
+
+    _, props = agent_config(base)
+    # repmgr defaults in config.py: monitor 2, reconnect 6 x 10
+    assert failover_window(props) == 6 * 10 + 2 * 2 + 2
+    fast = props.model_copy(
+        update={
+            "repmgr": props.repmgr.model_copy(
+                update={"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnect_interval": 1}
+            )
+        }
+    )
+    assert failover_window(fast) == 6
