@@ -91,9 +91,7 @@ class AuthenticationFailed(BoshError):
 class TaskFailed(BoshError):
     """A task pgbosh waited on ended in error, cancelled or timeout, or took too long."""
 
-    def __init__(
-        self, task_id: int, state: str, detail: str = "", *, gave_up_after: float | None = None
-    ) -> None:
+    def __init__(self, task_id: int, state: str, detail: str = "", *, gave_up_after: float | None = None) -> None:
         self.task_id = task_id
         self.state = state
         self.detail = detail
@@ -159,6 +157,11 @@ class DirectorClient:
             verify=self._ssl_context(),
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
             follow_redirects=False,  # a 302 to /tasks/:id is a task id, not a page to fetch
+            # httpcore scans every pooled connection for each request: a small pool keeps that
+            # cheap, and the operator never has more calls in flight than it reconciles at once.
+            limits=httpx.Limits(
+                max_connections=self.config.max_connections, max_keepalive_connections=self.config.max_connections
+            ),
         )
         self._info: DirectorInfo | None = None
         self._token: _Token | None = None
@@ -173,8 +176,7 @@ class DirectorClient:
             except (OSError, ssl.SSLError) as exc:
                 reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
                 raise BoshError(
-                    f"the CA bundle {self.config.ca_cert} for the Director {self._director} "
-                    f"cannot be used: {reason}"
+                    f"the CA bundle {self.config.ca_cert} for the Director {self._director} cannot be used: {reason}"
                 ) from None
         return ssl.create_default_context()
 
@@ -370,9 +372,7 @@ class DirectorClient:
                 description = str(body.get("description") or body.get("message") or "")
             else:
                 description = str(body)[:500]
-        return DirectorError(
-            response.status_code, code, self._scrub(description), method, path, self._director
-        )
+        return DirectorError(response.status_code, code, self._scrub(description), method, path, self._director)
 
     async def _json(
         self, method: str, path: str, *, params: Mapping[str, str] | None = None, authenticated: bool = True
@@ -388,9 +388,7 @@ class DirectorClient:
 
     def _unexpected(self, response: httpx.Response, method: str, path: str, what: str) -> DirectorError:
         """A success status whose body is not what the Director API promises."""
-        return DirectorError(
-            response.status_code, None, f"unexpected answer: {what}", method, path, self._director
-        )
+        return DirectorError(response.status_code, None, f"unexpected answer: {what}", method, path, self._director)
 
     def _task_id(self, response: httpx.Response, method: str, path: str) -> int:
         location = response.headers.get("location", "")
@@ -428,14 +426,10 @@ class DirectorClient:
             vm_types += [v for v in part.vm_types if v not in vm_types]
             disk_types.update(part.disk_types)
             networks += [n for n in part.networks if n not in networks]
-        return CloudConfig(
-            azs=tuple(azs), vm_types=tuple(vm_types), disk_types=disk_types, networks=tuple(networks)
-        )
+        return CloudConfig(azs=tuple(azs), vm_types=tuple(vm_types), disk_types=disk_types, networks=tuple(networks))
 
     async def deployed_manifest(self, deployment: str) -> str | None:
-        response = await self._send(
-            "GET", f"/deployments/{_seg(deployment)}", idempotent=True, allow=frozenset({404})
-        )
+        response = await self._send("GET", f"/deployments/{_seg(deployment)}", idempotent=True, allow=frozenset({404}))
         if response.status_code == 404:
             return None
         body = self._decode(response, "GET", f"/deployments/{_seg(deployment)}")

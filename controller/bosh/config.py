@@ -101,6 +101,8 @@ class BoshConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Refresh a UAA token this many seconds before it expires.
     token_refresh_margin: float = 60.0
+    # HTTP connections to the Director at most (requests beyond wait for one).
+    max_connections: int = 16
 
     # Manifest names.
     deployment_prefix: str = "pgbosh"

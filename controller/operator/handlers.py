@@ -79,7 +79,8 @@ async def cluster_loop(name: str, namespace: str | None, uid: str, stopped: Any,
             wake.clear()
             delay: float = rt.resync_seconds
             try:
-                plan = await reconcile_once(rt, namespace, name)
+                async with rt.slots:
+                    plan = await reconcile_once(rt, namespace, name)
                 if plan is None:
                     return
                 if plan.requeue_after is not None:

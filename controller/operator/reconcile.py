@@ -9,6 +9,7 @@ waits on it, so an operator restarted at any point picks the task up again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -67,6 +68,9 @@ class ClusterMemory:
     verified_hash: str | None = None
     # The admin login from the cluster's Secret (read once; pgbosh never rotates it silently).
     credentials: dict[str, str] | None = field(default=None, repr=False)
+    # Rendering a manifest is YAML work: done again only when the spec changes.
+    template: tuple[str, str] | None = None
+    manifest: tuple[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -76,9 +80,19 @@ class Runtime:
     bosh: BoshConfig
     post_event: EventSink
     resync_seconds: float = 60.0
-    cloud_config_ttl: float = 30.0
+    cloud_config_ttl: float = 300.0
     publisher: PrimaryPublisher | None = None
     probe_nodes: bool = True
+    # At most this many clusters reconcile at once: the Director, the Kubernetes API and
+    # the HTTP pools see a bounded queue however many clusters there are.
+    max_concurrent_reconciles: int = 16
+    _slots: asyncio.Semaphore | None = None
+
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrent_reconciles)
+        return self._slots
     # How to reach the nodes with the cluster's admin login (replaceable for benchmarks).
     node_probe: Callable[[str, str], NodeProbe] = PsycopgProbe
     memory: dict[str, ClusterMemory] = field(default_factory=dict)
@@ -178,6 +192,13 @@ async def _published(rt: Runtime, service: str) -> Published | None:
         return None
 
 
+def _template(rt: Runtime, mem: ClusterMemory, namespace: str, name: str, spec: PostgresClusterSpec) -> str:
+    key = spec.model_dump_json(by_alias=True)
+    if mem.template is None or mem.template[0] != key:
+        mem.template = (key, render_manifest(namespace, name, spec, rt.bosh))
+    return mem.template[1]
+
+
 def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -233,7 +254,7 @@ async def gather(
                 ),
                 manifest,
             )
-        template = render_manifest(namespace, name, spec, rt.bosh)
+        template = _template(rt, mem, namespace, name, spec)
         desired_hash = _hash(template)
         idle = task is None or task.finished
         # Steady state: what this operator deployed (or verified) is still what the spec renders
@@ -252,7 +273,9 @@ async def gather(
         cloud = await rt.cloud_config()
         spec_errors = tuple(check_against_cloud_config(spec, cloud, rt.bosh))
         _, credentials = await ensure_credentials(rt, namespace, name, body)
-        manifest = interpolate(template, {"admin_password": credentials["password"]})
+        if mem.manifest is None or mem.manifest[0] != template:
+            mem.manifest = (template, interpolate(template, {"admin_password": credentials["password"]}))
+        manifest = mem.manifest[1]
         matches: bool | None = True if steady else None
         if deployed_text is not None:
             matches = manifests_equal(deployed_text, manifest)
