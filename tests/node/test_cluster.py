@@ -48,9 +48,10 @@ def has_row(node: Node, note: str) -> bool:
 
 def test_primary_streams_to_two_standbys(cluster: list[Node]) -> None:
     primary, *standbys = cluster
-    assert (primary.status() or {})["role"] == "primary"
+    # The agent reports the role it last read from postgres (at most a second old).
+    wait_for(lambda: (primary.status() or {}).get("role") == "primary", 30, "primary role")
     for standby in standbys:
-        assert (standby.status() or {})["role"] == "standby"
+        wait_for(lambda n=standby: (n.status() or {}).get("role") == "standby", 30, "standby role")
     names = wait_for(lambda: len(streaming_standbys(primary)) == 2 and streaming_standbys(primary), 30, "2 standbys")
     assert names == ["node-1", "node-2"]
 
