@@ -39,7 +39,6 @@ CORE_RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": {"kind": "Event", "singular": "event", "shortnames": {"ev"}, "namespaced": True},
     "v1/secrets": {"kind": "Secret", "singular": "secret", "namespaced": True},
     "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap", "shortnames": {"cm"}, "namespaced": True},
-    "events.k8s.io/v1/events": {"kind": "Event", "singular": "event", "namespaced": True},
     CRD_RESOURCE: {
         "kind": "CustomResourceDefinition",
         "singular": "customresourcedefinition",
@@ -48,6 +47,14 @@ CORE_RESOURCES: dict[str, dict[str, Any]] = {
     },
     "coordination.k8s.io/v1/leases": {"kind": "Lease", "singular": "lease", "namespaced": True},
 }
+# What `kubectl get events` shows from a real API server.
+EVENT_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Last Seen", "type": "date", "jsonPath": ".lastTimestamp"},
+    {"name": "Type", "type": "string", "jsonPath": ".type"},
+    {"name": "Reason", "type": "string", "jsonPath": ".reason"},
+    {"name": "Object", "type": "string", "jsonPath": ".involvedObject.name"},
+    {"name": "Message", "type": "string", "jsonPath": ".message"},
+]
 ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete", "deletecollection"}
 
 
@@ -80,7 +87,12 @@ def _json_path(obj: Any, path: str) -> Any:
 def _age(timestamp: str | None) -> str:
     if not timestamp:
         return "<unknown>"
-    then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    try:
+        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return "<unknown>"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
     secs = int((datetime.now(UTC) - then).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if secs >= size:
@@ -273,6 +285,8 @@ class LocalKubernetes(kmock.KubernetesEmulator):
     async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
         payload = await super()._serve_version(request)
         if isinstance(payload, dict):
+            # kmock writes the core group's version as "/v1"; kubectl only maps "v1".
+            payload["groupVersion"] = str(payload.get("groupVersion", "")).lstrip("/")
             for entry in payload.get("resources", []):
                 if "/" in entry["name"]:  # a subresource is not found by short names or categories
                     entry["shortNames"] = []
@@ -328,6 +342,9 @@ class LocalKubernetes(kmock.KubernetesEmulator):
         selector = request.params.get("labelSelector")
         if selector:
             payload["items"] = [o for o in payload["items"] if _selected(o, selector)]
+        fields = request.params.get("fieldSelector")
+        if fields:
+            payload["items"] = [o for o in payload["items"] if _fields_selected(o, fields)]
         if _wants_table(request):
             return self._table(request, payload["items"], payload["metadata"])
         return payload
@@ -361,6 +378,8 @@ class LocalKubernetes(kmock.KubernetesEmulator):
         extra: list[dict[str, Any]] = []
         if request.resource == kmock.resource(PGC_RESOURCE):
             extra = crd.PRINTER_COLUMNS
+        elif request.resource == kmock.resource("v1/events"):
+            extra = EVENT_COLUMNS
         else:
             extra = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
         columns += [
@@ -377,6 +396,8 @@ class LocalKubernetes(kmock.KubernetesEmulator):
             cells: list[Any] = [item.get("metadata", {}).get("name")]
             for column in extra:
                 value = _json_path(item, column["jsonPath"])
+                if value is None and column["type"] == "date":
+                    value = _json_path(item, ".metadata.creationTimestamp")
                 cells.append(_age(value) if column["type"] == "date" else value)
             partial = {
                 "apiVersion": "meta.k8s.io/v1",
@@ -472,6 +493,18 @@ def _api_version(request: rendering.Request) -> str:
 def _wants_table(request: rendering.Request) -> bool:
     accept = request.headers.get("Accept", "")
     return "as=Table" in accept
+
+
+def _fields_selected(obj: dict[str, Any], selector: str) -> bool:
+    """Field selectors as kubectl sends them: `a.b=v`, `a.b==v`, `a.b!=v`, comma-joined."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        negate = "!=" in term
+        path, _, wanted = term.partition("!=" if negate else "=")
+        value = _json_path(obj, path.strip())
+        matches = str(value if value is not None else "") == wanted.lstrip("=").strip()
+        if matches == negate:
+            return False
+    return True
 
 
 def _selected(obj: dict[str, Any], selector: str) -> bool:

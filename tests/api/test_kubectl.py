@@ -41,3 +41,23 @@ async def test_examples_apply_and_get_pgc_shows_the_printer_columns(kube_api, ku
     assert out == "5"
     code, out, err = await kubectl(kubeconfig, "delete", "pgc", names[0])
     assert code == 0 and "deleted" in out, err
+
+
+async def test_kubectl_get_events_with_a_field_selector(kube_api, kube) -> None:
+    _, _, kubeconfig = kube_api
+    for name, reason in (("demo", "Deploying"), ("other", "Deleting")):
+        await kube.create(
+            "/api/v1/namespaces/default/events",
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"{name}.1", "namespace": "default"},
+                "involvedObject": {"kind": "PostgresCluster", "name": name, "namespace": "default"},
+                "reason": reason,
+                "message": f"{reason} {name}",
+                "type": "Normal",
+            },
+        )
+    code, out, err = await kubectl(kubeconfig, "get", "events", "--field-selector", "involvedObject.name=demo")
+    assert code == 0, err
+    assert "Deploying" in out and "Deleting" not in out
