@@ -196,9 +196,10 @@ def render_repmgr_conf(config: AgentConfig, job: PostgresJobProperties, layout: 
         # into false failovers.
         ("connection_check_type", "ping"),
         # repmgr's default (false), kept on purpose. With 1 s monitoring "true"
-        # cancelled elections because a sibling had seen the dead primary within the
-        # last second, and the cluster stayed without a primary (measured with
-        # tests/node/test_failover.py). Split-brain protection comes instead from
+        # cancelled elections ("cancelling failover as some nodes can still see the
+        # primary") because a sibling had seen the dead primary within the last
+        # second: tests/ha/test_node_loss.py with "true" had no new primary within
+        # 30 s in 2 of 3 runs (the third: 2.3 s). Split-brain protection comes instead from
         # the agent fencing an isolated primary, sync mode's quorum commit, and the
         # operator fencing a second writable node (docs/local-world.md).
         ("primary_visibility_consensus", "false"),
