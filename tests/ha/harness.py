@@ -30,6 +30,7 @@ from node.cluster import (
     agent_log_tail,
     free_addresses,
     job_running,
+    link_peers,
     make_base_dir,
     wait_for,
 )
@@ -176,18 +177,7 @@ def ha_cluster(
             )
             for i, address in enumerate(addresses)
         ]
-        peers = [
-            {
-                "index": n.index,
-                "id": f"node-{n.index}",
-                "az": f"z{n.index + 1}",
-                "address": n.address,
-                "bootstrap": n.index == 0,
-            }
-            for n in nodes
-        ]
-        for node in nodes:
-            node.peers = peers
+        link_peers(nodes)
         cluster = HACluster(nodes, consul)
         try:
             for node in nodes:

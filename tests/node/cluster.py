@@ -234,16 +234,8 @@ def agent_log_tail(node: Node, lines: int = 40) -> str:
     return text
 
 
-@contextlib.contextmanager
-def running_cluster(
-    size: int, repmgr: dict[str, Any] | None = None, replication: dict[str, Any] | None = None
-) -> Iterator[list[Node]]:
-    addresses = free_addresses(size)
-    base = make_base_dir()
-    nodes = [
-        Node(index=i, address=address, base=base, repmgr=repmgr or {}, replication=replication or {})
-        for i, address in enumerate(addresses)
-    ]
+def link_peers(nodes: list[Node]) -> None:
+    """Every node learns every peer, as the director writes them into agent.json."""
     peers = [
         {
             "index": n.index,
@@ -256,6 +248,19 @@ def running_cluster(
     ]
     for node in nodes:
         node.peers = peers
+
+
+@contextlib.contextmanager
+def running_cluster(
+    size: int, repmgr: dict[str, Any] | None = None, replication: dict[str, Any] | None = None
+) -> Iterator[list[Node]]:
+    addresses = free_addresses(size)
+    base = make_base_dir()
+    nodes = [
+        Node(index=i, address=address, base=base, repmgr=repmgr or {}, replication=replication or {})
+        for i, address in enumerate(addresses)
+    ]
+    link_peers(nodes)
     try:
         for node in nodes:
             node.start_agent()
