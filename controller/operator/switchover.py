@@ -47,6 +47,7 @@ TARGET_PRIORITY = 1000
 PROMOTION_TIMEOUT = 60.0
 TASK_TIMEOUT = 180.0
 REPLAY_TIMEOUT = 30.0
+REPMGRD_TIMEOUT = 60.0
 
 
 class SwitchoverError(RuntimeError):
@@ -149,6 +150,20 @@ async def perform_switchover(rt: Runtime, body: dict[str, Any], target: str) -> 
             if time.monotonic() > deadline:
                 raise SwitchoverError(f"{new.name} did not replay {lsn} in {REPLAY_TIMEOUT:.0f} s")
             await asyncio.sleep(0.1)
+        # Only a running, unpaused repmgrd on the target promotes it once the primary stops
+        # (right after provisioning it may not have started yet): check before stopping anything.
+        deadline = time.monotonic() + REPMGRD_TIMEOUT
+        while True:
+            row = await (
+                await conn.execute("SELECT repmgr.repmgrd_is_running() AND NOT repmgr.repmgrd_is_paused()")
+            ).fetchone()
+            if row and row[0]:
+                break
+            if time.monotonic() > deadline:
+                raise SwitchoverError(
+                    f"repmgrd is not monitoring on {new.name} after {REPMGRD_TIMEOUT:.0f} s: nothing was stopped"
+                )
+            await asyncio.sleep(0.2)
 
     ctx = context_id(meta["uid"])
     try:
