@@ -9,7 +9,6 @@ resolve the DNS name at the local Consul DNS, then connect.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import random
 import shutil
@@ -27,11 +26,10 @@ from node.cluster import (
     ADMIN_USER,
     PORT,
     Node,
-    agent_log_tail,
     free_addresses,
-    job_running,
     link_peers,
     make_base_dir,
+    start_nodes,
     wait_for,
 )
 
@@ -180,15 +178,7 @@ def ha_cluster(
         link_peers(nodes)
         cluster = HACluster(nodes, consul)
         try:
-            for node in nodes:
-                node.start_agent()
-            for node in nodes:
-                node.start_job()
-            for node in nodes:
-                try:
-                    wait_for(functools.partial(job_running, node), 180, f"node {node.index}")
-                except AssertionError as error:
-                    raise AssertionError(f"{error}\n{agent_log_tail(node)}") from None
+            start_nodes(nodes, 180)
             publish_initial_primary(cluster, nodes[0])
             yield cluster
         finally:

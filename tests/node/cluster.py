@@ -234,6 +234,19 @@ def agent_log_tail(node: Node, lines: int = 40) -> str:
     return text
 
 
+def start_nodes(nodes: list[Node], timeout: float) -> None:
+    """Start every agent and its job, then wait until each job runs (agent log on failure)."""
+    for node in nodes:
+        node.start_agent()
+    for node in nodes:
+        node.start_job()
+    for node in nodes:
+        try:
+            wait_for(functools.partial(job_running, node), timeout, f"node {node.index}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{agent_log_tail(node)}") from None
+
+
 def link_peers(nodes: list[Node]) -> None:
     """Every node learns every peer, as the director writes them into agent.json."""
     peers = [
@@ -262,15 +275,7 @@ def running_cluster(
     ]
     link_peers(nodes)
     try:
-        for node in nodes:
-            node.start_agent()
-        for node in nodes:
-            node.start_job()
-        for node in nodes:
-            try:
-                wait_for(functools.partial(job_running, node), 120, f"node {node.index}")
-            except AssertionError as error:
-                raise AssertionError(f"{error}\n{agent_log_tail(node)}") from None
+        start_nodes(nodes, 120)
         yield nodes
     finally:
         for node in nodes:
