@@ -403,13 +403,24 @@ async def reconcile_once(rt: Runtime, namespace: str, name: str, *, deleting: bo
     status = parse_status(body)
     deleting = deleting or bool(body["metadata"].get("deletionTimestamp"))
     # --- pgbosh switchover (controller/operator/switchover.py): a planned change of primary.
+    # The annotation is removed only after this step has written the status, so that whoever
+    # waits on it (the CLI) sees the new currentPrimary as soon as the request is gone.
     switchover_to = (body["metadata"].get("annotations") or {}).get("pgbosh.dev/switchover-to")
     if switchover_to and not deleting:
-        from controller.operator.switchover import run_requested_switchover
+        from controller.operator.switchover import clear_annotation, run_requested_switchover
 
         body = await run_requested_switchover(rt, body, str(switchover_to))
         status = parse_status(body)
+        try:
+            return await _reconcile_body(rt, body, status, deleting)
+        finally:
+            await clear_annotation(rt, namespace, name)
     # --- end switchover
+    return await _reconcile_body(rt, body, status, deleting)
+
+
+async def _reconcile_body(rt: Runtime, body: dict[str, Any], status: PostgresClusterStatus, deleting: bool) -> Plan:
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
         spec = PostgresClusterSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:

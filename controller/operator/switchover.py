@@ -198,9 +198,9 @@ async def perform_switchover(rt: Runtime, body: dict[str, Any], target: str) -> 
 
 
 async def run_requested_switchover(rt: Runtime, body: dict[str, Any], target: str) -> dict[str, Any]:
-    """What reconcile_once calls when the annotation is set: switch over, post an Event,
-    remove the annotation (also after a failure: a request is carried out once), and
-    return the resource as it is now."""
+    """What reconcile_once calls when the annotation is set: switch over, post an Event and
+    return the resource as it is now. reconcile_once then writes the status and removes the
+    annotation (also after a failure: a request is carried out once)."""
     from controller.operator.reconcile import cluster_path
 
     meta = body["metadata"]
@@ -210,8 +210,6 @@ async def run_requested_switchover(rt: Runtime, body: dict[str, Any], target: st
     except Exception as exc:  # reported on the resource, never fatal to reconciliation
         log.warning("switchover of %s/%s failed: %s", meta["namespace"], meta["name"], exc)
         rt.post_event(body, "Warning", "SwitchoverFailed", f"switchover to {target}: {exc}")
-    finally:
-        await clear_annotation(rt, meta["namespace"], meta["name"])
     fresh: dict[str, Any] = await rt.kube.get(cluster_path(meta["namespace"], meta["name"]))
     return fresh
 
@@ -265,7 +263,25 @@ async def _run(args: argparse.Namespace) -> int:
                 if current and current != before:
                     print(f"the primary is now {current}")
                     return 0
-                print(f"switchover finished without a new primary (still {current}); see the cluster's events")
+                reason = await _failure_reason(kube, args.namespace, body["metadata"].get("uid"))
+                print(f"switchover finished without a new primary (still {current}): {reason}")
                 return 1
         print("pgbosh switchover: timed out waiting for the operator")
         return 1
+
+
+async def _failure_reason(kube: Any, namespace: str, uid: str | None) -> str:
+    """The operator's SwitchoverFailed event for this cluster (kopf posts events a moment
+    after the fact, so look for a few seconds)."""
+    for _ in range(10):
+        events = await kube.list(f"/api/v1/namespaces/{namespace}/events")
+        failed = [
+            e
+            for e in events
+            if e.get("reason") == "SwitchoverFailed" and (e.get("involvedObject") or {}).get("uid") == uid
+        ]
+        if failed:
+            latest = max(failed, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+            return str(latest.get("message") or "see the cluster's events")
+        await asyncio.sleep(0.5)
+    return "see the cluster's events"

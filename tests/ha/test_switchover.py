@@ -98,27 +98,11 @@ async def test_switchover_moves_the_primary_without_losing_writes(kube_api, kube
         writer = Writer(world.consul.dns_port, creds["username"], creds["password"])
         writer.start()
         await asyncio.sleep(2)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "controller",
-            "switchover",
-            "demo",
-            "--to",
-            target["name"],
-            "--kubeconfig",
-            kubeconfig,
-            "--timeout",
-            "150",
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
+        code, out = await switchover_cli(kubeconfig, target["name"])
         await asyncio.sleep(2)
         writer.stop_flag.set()
         await asyncio.to_thread(writer.join, 15)
-        assert proc.returncode == 0, out.decode()
+        assert code == 0, out
         assert await dig(world.consul.dns_port, MASTER) == [target["address"]]
         with psycopg.connect(
             host=target["address"],
@@ -140,3 +124,34 @@ async def test_switchover_moves_the_primary_without_losing_writes(kube_api, kube
             return roles.get(old["name"]) == "replica" and st.get("currentPrimary") == target["name"]
 
         await eventually(old_is_replica, timeout=120, interval=0.5)
+
+        # Requests that cannot be carried out: the CLI says why, nothing moves.
+        code, out = await switchover_cli(kubeconfig, target["name"])
+        assert code == 1 and f"{target['name']} is the primary already" in out, out
+        code, out = await switchover_cli(kubeconfig, "postgres/no-such-instance")
+        assert code == 1 and "postgres/no-such-instance is not a healthy standby of this cluster" in out, out
+        st = (await kube.get(f"{PATH}/demo")).get("status") or {}
+        assert st.get("currentPrimary") == target["name"]
+        assert "pgbosh.dev/switchover-to" not in ((await kube.get(f"{PATH}/demo"))["metadata"].get("annotations") or {})
+        assert await dig(world.consul.dns_port, MASTER) == [target["address"]]
+
+
+async def switchover_cli(kubeconfig: str, to: str) -> tuple[int | None, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controller",
+        "switchover",
+        "demo",
+        "--to",
+        to,
+        "--kubeconfig",
+        kubeconfig,
+        "--timeout",
+        "150",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    return proc.returncode, out.decode()
