@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from controller.broker.config import DEFAULT_CONFIG, BrokerConfig
 from controller.broker.roles import PsycopgRoleManager
@@ -49,15 +50,22 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+# A platform sends bursts of requests (benchmarks/broker: 50 at once); each holds one
+# connection to the Kubernetes API for one call, so the pool matches the burst and
+# aiohttp's pool hands connections over in constant time.
+KUBE_CONNECTIONS = 64
+
+
 def _kube(args: argparse.Namespace) -> KubeClient:
+    options: dict[str, Any] = {"max_connections": KUBE_CONNECTIONS, "backend": "aiohttp"}
     if args.server:
-        return KubeClient(args.server)
+        return KubeClient(args.server, **options)
     if args.kubeconfig:
-        return KubeClient.from_kubeconfig(args.kubeconfig)
+        return KubeClient.from_kubeconfig(args.kubeconfig, **options)
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return KubeClient.in_cluster()
+        return KubeClient.in_cluster(**options)
     default = os.path.expanduser(os.environ.get("KUBECONFIG", "~/.kube/config"))
-    return KubeClient.from_kubeconfig(default)
+    return KubeClient.from_kubeconfig(default, **options)
 
 
 async def serve(args: argparse.Namespace) -> int:
