@@ -92,8 +92,14 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every Kubernetes call at INFO; the broker's one line per request says enough.
+    logging.getLogger("httpx").setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
+
+
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         return asyncio.run(serve(args))
     except (ValueError, OSError) as exc:

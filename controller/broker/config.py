@@ -80,6 +80,8 @@ class BrokerConfig(_Config):
     catalog: Catalog
 
     _validators: dict[str, Validator] = PrivateAttr(default_factory=dict)
+    # Plans whose schema accepts no parameters at all: most requests send none.
+    _empty_ok: set[str] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
     def _unique_ids_and_schemas(self) -> BrokerConfig:
@@ -93,6 +95,8 @@ class BrokerConfig(_Config):
                 cls = jsonschema.validators.validator_for(schema)
                 cls.check_schema(schema)
                 self._validators[plan.id] = cls(schema)
+                if self._validators[plan.id].is_valid({}):
+                    self._empty_ok.add(plan.id)
         return self
 
     @classmethod
@@ -109,6 +113,8 @@ class BrokerConfig(_Config):
 
     def parameter_errors(self, plan: Plan, parameters: Any) -> list[str]:
         """Why ``parameters`` fail the plan's JSON Schema (empty when they pass)."""
+        if parameters == {} and plan.id in self._empty_ok:
+            return []
         validator = self._validators[plan.id]
         errors = sorted(validator.iter_errors(parameters), key=lambda e: list(e.absolute_path))
         return [f"{'/'.join(str(p) for p in e.absolute_path) or 'parameters'}: {e.message}" for e in errors]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from controller.broker.naming import ANNOTATION_OPERATION
@@ -43,7 +43,11 @@ class Operation:
     request: str | None = None
 
     def annotation(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        # The fields in sorted order, as json.dumps(asdict(self), sort_keys=True) wrote them.
+        return json.dumps(
+            {"generation": self.generation, "id": self.id, "request": self.request, "type": self.type},
+            separators=(",", ":"),
+        )
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> Operation | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import json
 import logging
@@ -94,6 +95,12 @@ def _originating_identity(header: str | None) -> str:
     """``platform user`` from the header, for the log only (never trusted for auth)."""
     if not header:
         return "-"
+    return _decode_identity(header)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_identity(header: str) -> str:
+    # A platform sends the same few users' headers over and over: decode each once.
     platform, _, encoded = header.partition(" ")
     try:
         value = json.loads(base64.b64decode(encoded.strip() + "=" * (-len(encoded.strip()) % 4)))
@@ -145,22 +152,25 @@ def build_app(broker: Broker, credentials: BasicCredentials) -> web.Application:
                 response = _error(500, "InternalError", "the broker failed; see its log")
         if identity:
             response.headers[REQUEST_IDENTITY_HEADER] = identity
-        log.info(
-            "%s %s -> %s in %.1f ms (identity: %s, request: %s)",
-            request.method,
-            request.path,
-            response.status,
-            (time.perf_counter() - started) * 1000,
-            _originating_identity(request.headers.get(ORIGINATING_IDENTITY_HEADER)),
-            identity or "-",
-        )
+        # The one line per request above debug: who asked for what (issue 6), never a password.
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "%s %s -> %s in %.1f ms (identity: %s, request: %s)",
+                request.method,
+                request.path,
+                response.status,
+                (time.perf_counter() - started) * 1000,
+                _originating_identity(request.headers.get(ORIGINATING_IDENTITY_HEADER)),
+                identity or "-",
+            )
         return response
 
     async def body_of(request: web.Request) -> Any:
         if not request.can_read_body:
             return {}
         try:
-            return await request.json()
+            # From bytes: json detects the UTF encoding itself; bad UTF-8 is a ValueError too.
+            return json.loads(await request.read())
         except ValueError:
             raise BrokerError(400, "BadRequest", "the request body is not valid JSON") from None
 

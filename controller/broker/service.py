@@ -8,8 +8,9 @@ request runs before the first write, so a 4xx never leaves a change behind.
 from __future__ import annotations
 
 import copy
+import json
 import logging
-import uuid
+import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 Answer = tuple[int, dict[str, Any]]
 APP_DATABASE = "app"
+# The user parameters that become spec fields.
+SPEC_PARAMETERS = ("postgresVersion", "parameters")
+SPEC_CACHE_SIZE = 256
 
 
 class _Request(BaseModel):
@@ -115,6 +119,8 @@ class Broker:
         self.config = config
         self.kube = kube
         self.roles = roles
+        # (plan id, parameters as JSON) -> the validated spec as JSON; see _new_spec.
+        self._spec_cache: dict[tuple[str, str], str] = {}
 
     @property
     def namespace(self) -> str:
@@ -167,13 +173,30 @@ class Broker:
                 f"maintenance_info.version {requested.version} does not match the plan's ({offered or 'none'})",
             )
 
+    def _new_spec(self, plan: Plan, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The spec of a new cluster of ``plan`` with the user's parameters.
+
+        Platforms provision the same few plan/parameter combinations over and over: the
+        validated spec is kept as JSON per combination (bounded) and handed out as a fresh copy.
+        """
+        used = {key: parameters[key] for key in SPEC_PARAMETERS if key in parameters}
+        key = (plan.id, json.dumps(used, sort_keys=True, separators=(",", ":")))
+        cached = self._spec_cache.get(key)
+        if cached is None:
+            cached = json.dumps(self._spec({}, plan, used), separators=(",", ":"))
+            if len(self._spec_cache) >= SPEC_CACHE_SIZE:
+                self._spec_cache.pop(next(iter(self._spec_cache)))
+            self._spec_cache[key] = cached
+        spec: dict[str, Any] = json.loads(cached)
+        return spec
+
     @staticmethod
     def _spec(base: dict[str, Any], plan: Plan | None, parameters: dict[str, Any]) -> dict[str, Any]:
         """The spec after applying a plan's fixed fields and the user's parameters."""
         spec = copy.deepcopy(base)
         if plan is not None:
             spec.update(copy.deepcopy(plan.cluster))
-        for key in ("postgresVersion", "parameters"):
+        for key in SPEC_PARAMETERS:
             if key in parameters:
                 spec[key] = copy.deepcopy(parameters[key])
         try:
@@ -184,7 +207,7 @@ class Broker:
         return model.model_dump(by_alias=True, exclude_none=True, mode="json")
 
     def _operation(self, kind: str) -> str:
-        return f"{kind}-{uuid.uuid4().hex[:12]}"
+        return f"{kind}-{secrets.token_hex(6)}"
 
     # ---- catalog -------------------------------------------------------------------------
 
@@ -200,7 +223,7 @@ class Broker:
             raise async_required()
         self._check_maintenance_info(plan, request.maintenance_info)
         parameters = self._check_parameters(plan, request.parameters)
-        spec = self._spec({}, plan, parameters)
+        spec = self._new_spec(plan, parameters)
         context = request.context or {}
         org = request.organization_guid or context.get("organization_guid")
         space = request.space_guid or context.get("space_guid")
@@ -255,7 +278,7 @@ class Broker:
             return self._repeat_provision(existing, identity)
         except Invalid as exc:
             raise BrokerError(400, "InvalidParameters", exc.message) from None
-        log.info(
+        log.debug(
             "provisioning instance %s as %s/%s (plan %s, generation %s)",
             instance_id,
             self.namespace,
@@ -373,7 +396,7 @@ class Broker:
                 self._cluster_path(instance_id),
                 {"metadata": {"annotations": {naming.ANNOTATION_OPERATION: operation.annotation()}}},
             )
-        log.info("updating instance %s (plan %s): %s", instance_id, plan.name, sorted(spec_patch))
+        log.debug("updating instance %s (plan %s): %s", instance_id, plan.name, sorted(spec_patch))
         if not spec_patch:
             return 200, {}
         return 202, {"operation": operation.id}
@@ -413,7 +436,7 @@ class Broker:
             await self.kube.delete(path)
         except NotFound:
             raise gone() from None
-        log.info("deprovisioning instance %s (%s/%s)", instance_id, self.namespace, naming.cluster_name(instance_id))
+        log.debug("deprovisioning instance %s (%s/%s)", instance_id, self.namespace, naming.cluster_name(instance_id))
         return 202, {"operation": operation.id}
 
     async def _delete_binding_secrets(self, instance_id: str) -> None:
@@ -566,7 +589,7 @@ class Broker:
                 "pgbosh.dev/cluster": naming.cluster_name(instance_id),
             },
         )
-        log.info("bound %s to instance %s as role %s", binding_id, instance_id, role)
+        log.debug("bound %s to instance %s as role %s", binding_id, instance_id, role)
         values = {"username": role, "password": password, "database": APP_DATABASE}
         return 201, self._binding_document(cluster, values)
 
@@ -643,7 +666,7 @@ class Broker:
             await self.kube.delete_secret(self.namespace, secret["metadata"]["name"])
         if secret is None and not dropped:
             raise gone()
-        log.info("unbound %s from instance %s (role %s dropped: %s)", binding_id, instance_id, role, dropped)
+        log.debug("unbound %s from instance %s (role %s dropped: %s)", binding_id, instance_id, role, dropped)
         return 200, {}
 
 
