@@ -66,6 +66,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None
+        # One ClientTimeout per distinct httpx timeout (a client uses one or two).
+        self._timeouts: dict[tuple[float | None, float | None, float | None], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         import aiohttp
@@ -90,14 +92,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
         session = self._session or self._open()
         timeouts = request.extensions.get("timeout") or {}
-        connect, pool, read = timeouts.get("connect"), timeouts.get("pool"), timeouts.get("read")
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            # aiohttp's "connect" covers waiting for a pooled connection and opening one.
-            connect=None if pool is None or connect is None else pool + connect,
-            sock_connect=connect,
-            sock_read=read,
-        )
+        key = (timeouts.get("connect"), timeouts.get("pool"), timeouts.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            connect, pool, read = key
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None,
+                # aiohttp's "connect" covers waiting for a pooled connection and opening one.
+                connect=None if pool is None or connect is None else pool + connect,
+                sock_connect=connect,
+                sock_read=read,
+            )
         headers = [
             (name, value)
             for name, value in request.headers.multi_items()
@@ -318,10 +323,10 @@ class KubeClient:
         content_type: str = "application/json",
     ) -> JSON:
         headers = {"Content-Type": content_type} if body is not None else {}
+        # The same URL httpx would merge from base_url, without parsing the base again per call.
+        url = self.server + api_path if api_path.startswith("/") else api_path
         try:
-            response = await self._http.request(
-                method, api_path, json=body, params=params, headers=headers
-            )
+            response = await self._http.request(method, url, json=body, params=params, headers=headers)
         except httpx.TimeoutException as exc:
             raise KubeError(504, "Timeout", f"{method} {api_path} timed out") from exc
         except httpx.TransportError as exc:

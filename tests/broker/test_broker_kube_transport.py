@@ -89,7 +89,8 @@ async def odd_server() -> AsyncIterator[tuple[str, list[tuple[str, int]]]]:
         if request.path == "/slow":
             await asyncio.sleep(1)
         await asyncio.sleep(0.01)  # long enough for concurrent requests to overlap
-        body = gzip.compress(json.dumps({"got": request.headers.get("Content-Type", "")}).encode())
+        answer = {"got": request.headers.get("Content-Type", ""), "path": request.path_qs}
+        body = gzip.compress(json.dumps(answer).encode())
         return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
 
     app = web.Application()
@@ -108,7 +109,17 @@ async def odd_server() -> AsyncIterator[tuple[str, list[tuple[str, int]]]]:
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_gzip_bodies_are_decoded(odd_server: tuple[str, list[tuple[str, int]]], backend: Any) -> None:
     async with KubeClient(odd_server[0], backend=backend) as kube:
-        assert await kube.create("/x", {"a": 1}) == {"got": "application/json"}
+        assert await kube.create("/x", {"a": 1}) == {"got": "application/json", "path": "/x"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_server_path_prefix_and_query(odd_server: tuple[str, list[tuple[str, int]]], backend: Any) -> None:
+    # An API server behind a path prefix (a proxy) gets the prefix on every call.
+    async with KubeClient(odd_server[0] + "/k8s/c-1/", backend=backend) as kube:
+        listed = await kube._request("GET", "/api/v1/namespaces/a%2Fb/secrets", params={"labelSelector": "a=b"})
+        merged = await kube.merge_patch("/api/v1/x", {"a": 1})
+    assert listed["path"] == "/k8s/c-1/api/v1/namespaces/a%2Fb/secrets?labelSelector=a%3Db"
+    assert merged == {"got": "application/merge-patch+json", "path": "/k8s/c-1/api/v1/x"}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
