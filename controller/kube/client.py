@@ -80,9 +80,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 keepalive_timeout=self._keepalive_expiry,
                 ssl=self._ssl,
             ),
-            # httpx sets every header and decodes the body itself.
+            # httpx sets every header (aiohttp adds only missing ones) and decodes the body itself.
             auto_decompress=False,
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         return self._session

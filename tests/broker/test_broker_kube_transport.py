@@ -24,6 +24,7 @@ from controller.kube.client import AiohttpTransport
 from controller.local.kube import serve
 
 BACKENDS = ["httpcore", "aiohttp"]
+WIRE = {"accept", "accept-encoding", "user-agent", "content-type", "content-length", "authorization", "host"}
 COLLECTION = resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "db")
 SPEC = BrokerConfig.load().catalog.services[0].plans[0].cluster
 
@@ -89,7 +90,9 @@ async def odd_server() -> AsyncIterator[tuple[str, list[tuple[str, int]]]]:
         if request.path == "/slow":
             await asyncio.sleep(1)
         await asyncio.sleep(0.01)  # long enough for concurrent requests to overlap
-        answer = {"got": request.headers.get("Content-Type", ""), "path": request.path_qs}
+        answer: dict[str, Any] = {"got": request.headers.get("Content-Type", ""), "path": request.path_qs}
+        if request.path == "/headers":
+            answer = {"headers": sorted((k.lower(), v) for k, v in request.headers.items() if k.lower() in WIRE)}
         body = gzip.compress(json.dumps(answer).encode())
         return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
 
@@ -146,6 +149,15 @@ async def test_pool_keeps_connections_alive_and_bounded(odd_server: tuple[str, l
         await asyncio.gather(*(kube.get(f"/n/{i}") for i in range(20)))
     assert len(first) == 5  # bounded by max_connections
     assert set(peers) == first  # and reused by the second burst
+
+
+async def test_same_headers_on_the_wire(odd_server: tuple[str, list[tuple[str, int]]]) -> None:
+    seen = {}
+    for backend in BACKENDS:
+        async with KubeClient(odd_server[0], token="t0ken", backend=backend) as kube:  # type: ignore[arg-type]
+            seen[backend] = (await kube.create("/headers", {"a": 1}), await kube.get("/headers"))
+    assert seen["aiohttp"] == seen["httpcore"]
+    assert ["authorization", "Bearer t0ken"] in seen["aiohttp"][1]["headers"]
 
 
 def test_unknown_backend_is_refused() -> None:
