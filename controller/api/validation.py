@@ -173,6 +173,11 @@ def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list
         text = rule["rule"]
         if "oldSelf" in text and old is None:
             continue  # transition rules apply to updates only
+        if "oldSelf" not in text and old is not None and value == old:
+            # Validation ratcheting (KEP-4008, on by default since Kubernetes 1.30, GA in 1.33):
+            # on an update, errors of a rule without oldSelf on an unchanged value are
+            # ignored, so the rule need not run.
+            continue
         activation = {"self": json_to_cel(value)}
         if old is not None:
             activation["oldSelf"] = json_to_cel(old)
