@@ -164,17 +164,15 @@ def manifest_dict(namespace: str, name: str, spec: PostgresClusterSpec, config: 
     }
 
 
-class _ManifestDumper(yaml.SafeDumper):
-    """Block style, lists indented under their key, as BOSH manifests are usually written."""
-
-    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
-        super().increase_indent(flow, False)
+# libyaml's emitter when PyYAML has it (5x faster: the operator renders a manifest per cluster).
+# Sequences sit at their key's indentation, as in the BOSH documentation's manifests.
+_Dumper: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def dump_manifest(doc: dict[str, Any]) -> str:
     return yaml.dump(
         doc,
-        Dumper=_ManifestDumper,
+        Dumper=_Dumper,
         sort_keys=False,
         default_flow_style=False,
         allow_unicode=True,

@@ -96,7 +96,7 @@ def test_defaults_give_the_local_world_manifest() -> None:
 
 def test_top_level_keys_come_in_manifest_order() -> None:
     text = render_manifest("default", "demo", spec(), BoshConfig())
-    keys = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith(" ")]
+    keys = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith((" ", "-"))]
     assert keys == ["name", "releases", "stemcells", "update", "instance_groups", "variables"]
 
 
