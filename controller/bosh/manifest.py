@@ -219,6 +219,11 @@ def interpolate(manifest_text: str, values: dict[str, str]) -> str:
     return dump_manifest(_interpolate_value(doc, values))
 
 
+def interpolate_doc(doc: dict[str, Any], values: dict[str, str]) -> str:
+    """:func:`interpolate` for a manifest still held as data (no YAML parsing)."""
+    return dump_manifest(_interpolate_value(doc, values))
+
+
 def manifests_equal(a: str, b: str) -> bool:
     """Whether two manifest texts mean the same document (formatting and key order aside)."""
     return bool(_load(a) == _load(b))

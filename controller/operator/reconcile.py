@@ -29,13 +29,14 @@ from controller.bosh.manifest import (
     check_against_cloud_config,
     consul_service_name,
     deployment_name,
-    interpolate,
+    dump_manifest,
+    interpolate_doc,
+    manifest_dict,
     manifests_equal,
-    render_manifest,
 )
 from controller.bosh.types import CloudConfig, Director, Instance, JobStateRequest, Task
 from controller.consul.types import Member, PrimaryPublisher, Published
-from controller.kube.client import KubeClient, NotFound, core_path, resource_path
+from controller.kube.client import Conflict, KubeClient, NotFound, core_path, resource_path
 from controller.pg.probe import PsycopgProbe, probe_all
 from controller.pg.types import NodeProbe, NodeState
 from controller.reconcile import planner
@@ -69,7 +70,9 @@ class ClusterMemory:
     # The admin login from the cluster's Secret (read once; pgbosh never rotates it silently).
     credentials: dict[str, str] | None = field(default=None, repr=False)
     # Rendering a manifest is YAML work: done again only when the spec changes.
-    template: tuple[str, str] | None = None
+    template: tuple[str, str, dict[str, Any]] | None = None
+    # The deploy task this operator started, and the hash of the manifest it posted.
+    deploy_task: tuple[int, str] | None = None
     manifest: tuple[str, str] | None = field(default=None, repr=False)
 
 
@@ -132,11 +135,14 @@ async def ensure_credentials(
     mem = rt.memory.setdefault(owner["metadata"]["uid"], ClusterMemory())
     if mem.credentials is not None:
         return secret_name, mem.credentials
-    try:
-        mem.credentials = await rt.kube.get_secret(namespace, secret_name)
-        return secret_name, mem.credentials
-    except NotFound:
-        pass
+    # A cluster whose status names its Secret has one: read it. A new cluster does not:
+    # create it, and read it only if it exists after all (409).
+    if (owner.get("status") or {}).get("credentialsSecret"):
+        try:
+            mem.credentials = await rt.kube.get_secret(namespace, secret_name)
+            return secret_name, mem.credentials
+        except NotFound:
+            pass
     data = {"username": rt.bosh.admin_user, "password": secrets.token_urlsafe(24)}
     body = {
         "apiVersion": "v1",
@@ -159,7 +165,11 @@ async def ensure_credentials(
         },
         "stringData": data,
     }
-    await rt.kube.create(core_path("secrets", namespace), body)
+    try:
+        await rt.kube.create(core_path("secrets", namespace), body)
+    except Conflict:
+        mem.credentials = await rt.kube.get_secret(namespace, secret_name)
+        return secret_name, mem.credentials
     mem.credentials = data
     return secret_name, data
 
@@ -195,7 +205,8 @@ async def _published(rt: Runtime, service: str) -> Published | None:
 def _template(rt: Runtime, mem: ClusterMemory, namespace: str, name: str, spec: PostgresClusterSpec) -> str:
     key = spec.model_dump_json(by_alias=True)
     if mem.template is None or mem.template[0] != key:
-        mem.template = (key, render_manifest(namespace, name, spec, rt.bosh))
+        doc = manifest_dict(namespace, name, spec, rt.bosh)
+        mem.template = (key, dump_manifest(doc), doc)
     return mem.template[1]
 
 
@@ -268,15 +279,27 @@ async def gather(
             and status.deployed_hash == desired_hash
             and mem.verified_hash == desired_hash
         )
-        deployed_text = None if steady else await rt.director.deployed_manifest(deployment)
-        deployed = steady or deployed_text is not None
+        # The deploy this operator started with this very manifest runs or is done: the
+        # Director has it, no need to download and compare it (instances are still listed in
+        # full once it is done).
+        ours = (
+            task is not None
+            and task.state in ("queued", "processing", "done")
+            and mem.deploy_task == (task.id, desired_hash)
+        )
+        if ours and task is not None and task.state == "done":
+            mem.verified_hash = desired_hash
+        known = steady or ours
+        deployed_text = None if known else await rt.director.deployed_manifest(deployment)
+        deployed = known or deployed_text is not None
         cloud = await rt.cloud_config()
         spec_errors = tuple(check_against_cloud_config(spec, cloud, rt.bosh))
         _, credentials = await ensure_credentials(rt, namespace, name, body)
         if mem.manifest is None or mem.manifest[0] != template:
-            mem.manifest = (template, interpolate(template, {"admin_password": credentials["password"]}))
+            assert mem.template is not None
+            mem.manifest = (template, interpolate_doc(mem.template[2], {"admin_password": credentials["password"]}))
         manifest = mem.manifest[1]
-        matches: bool | None = True if steady else None
+        matches: bool | None = True if known else None
         if deployed_text is not None:
             matches = manifests_equal(deployed_text, manifest)
             if matches:
@@ -339,6 +362,7 @@ async def execute(rt: Runtime, body: dict[str, Any], result: Plan, manifest: str
                         raise
                     task = found
             _record_task(result, task.id, task.state, task.description or "create deployment")
+            rt.memory.setdefault(meta["uid"], ClusterMemory()).deploy_task = (task.id, action.manifest_hash)
         elif isinstance(action, DeleteDeployment):
             task_id_or_none = await rt.director.delete_deployment(action.deployment, context_id=ctx)
             if task_id_or_none is not None:

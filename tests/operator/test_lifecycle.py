@@ -75,6 +75,8 @@ async def test_create_goes_through_provisioning_to_ready_and_delete_runs_the_fin
         assert status["credentialsSecret"] == "demo-pgbosh-credentials"
         assert status["endpoint"] == {"host": "master.pg-default-demo.service.consul", "port": 5432}
         assert director.count("deploy") == 1
+        # After its own deploy is done the operator does not download the manifest again.
+        assert director.count("deployed_manifest") == 1, " ".join(director.calls)
         reasons = [e["reason"] for e in await eventually(lambda: events_for(kube))]
         assert "Deploying" in reasons
         body = await kube.get(f"{PATH}/demo")
@@ -95,6 +97,25 @@ async def test_create_goes_through_provisioning_to_ready_and_delete_runs_the_fin
         await eventually(gone, timeout=30)
         assert director.deployments == {}
         assert director.count("delete_deployment") == 1
+
+
+async def test_a_credentials_secret_made_before_the_cluster_is_used_not_replaced(kube_api, kube, director):
+    _, url, _ = kube_api
+    await kube.apply_secret(
+        "default", "demo-pgbosh-credentials", {"username": "pgbosh_admin", "password": "chosen-by-the-user-1"}
+    )
+    async with running_operator(url, director):
+        await kube.create(PATH, cluster())
+        await eventually(lambda: _phase_is(kube, "Ready"), timeout=30, interval=0.05)
+    status = await status_of(kube)
+    assert status["credentialsSecret"] == "demo-pgbosh-credentials"
+    assert (await kube.get_secret("default", "demo-pgbosh-credentials"))["password"] == "chosen-by-the-user-1"
+    [manifest] = director.deployments.values()
+    assert "chosen-by-the-user-1" in manifest
+
+
+async def _phase_is(kube: KubeClient, phase: str) -> bool:
+    return (await status_of(kube)).get("phase") == phase
 
 
 async def test_scaling_redeploys_once_and_settled_cluster_does_not_redeploy(kube_api, kube, director):
