@@ -3,8 +3,9 @@
 Used by the local Kubernetes API (so `pgbosh dev` and kubectl users see the same
 refusals a real cluster gives) and by the tests of the bad-input corpus. The
 schema is the generated openAPIV3Schema, checked with a JSON-schema validator;
-the CEL rules are evaluated with cel-python, with Kubernetes' quantity library
-functions added.
+the CEL rules are evaluated with the Rust CEL implementation's Python binding
+(common-expression-language, ~20 us a rule where cel-python took ~1 ms), with the
+Kubernetes quantity functions the rules use added.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import celpy
+import cel
 import jsonschema
-from celpy import celtypes
-from celpy.adapter import json_to_cel
 
 from controller.api import crd, models
 
@@ -43,24 +42,33 @@ class Invalid(Exception):
         super().__init__(f'{kind}.{models.GROUP} "{name}" is invalid: {details}')
 
 
-def _cel_quantity(value: celtypes.Value) -> celtypes.IntType:
-    return celtypes.IntType(models.quantity_bytes(str(value)))
+def _cel_quantity(value: Any) -> int:
+    """Kubernetes' quantity(): the rules compare sizes, so a quantity is its value in bytes."""
+    return models.quantity_bytes(str(value))
 
 
-def _cel_compare_to(left: celtypes.Value, right: celtypes.Value) -> celtypes.IntType:
-    a, b = int(str(left)), int(str(right))
-    return celtypes.IntType((a > b) - (a < b))
+def _cel_compare_to(left: Any, right: Any) -> int:
+    a, b = int(left), int(right)
+    return (a > b) - (a < b)
 
 
 _CEL_FUNCTIONS: dict[str, Any] = {"quantity": _cel_quantity, "compareTo": _cel_compare_to}
-_CEL_ENV = celpy.Environment()
 _PROGRAMS: dict[str, Any] = {}
 
 
 def _program(rule: str) -> Any:
     if rule not in _PROGRAMS:
-        _PROGRAMS[rule] = _CEL_ENV.program(_CEL_ENV.compile(rule), functions=_CEL_FUNCTIONS)
+        _PROGRAMS[rule] = cel.compile(rule)
     return _PROGRAMS[rule]
+
+
+def _evaluate(rule: str, activation: dict[str, Any]) -> Any:
+    context = cel.Context()
+    for name, value in activation.items():
+        context.add_variable(name, value)
+    for name, function in _CEL_FUNCTIONS.items():
+        context.add_function(name, function)
+    return _program(rule).execute(context)
 
 
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
@@ -178,11 +186,11 @@ def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list
             # on an update, errors of a rule without oldSelf on an unchanged value are
             # ignored, so the rule need not run.
             continue
-        activation = {"self": json_to_cel(value)}
+        activation = {"self": value}
         if old is not None:
-            activation["oldSelf"] = json_to_cel(old)
+            activation["oldSelf"] = old
         try:
-            result = _program(text).evaluate(activation)
+            result = _evaluate(text, activation)
         except Exception as exc:  # a rule that cannot be evaluated refuses, as the API server does
             errors.append(FieldError(path, f"Invalid value: rule {text!r} could not be evaluated: {exc}"))
             continue
