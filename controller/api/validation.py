@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cel
+import fastjsonschema
 import jsonschema
 
 from controller.api import crd, models
@@ -101,7 +102,21 @@ def _validator() -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(crd.cached_open_api_schema())
 
 
+@functools.cache
+def _fast_check() -> Any:
+    """The CRD schema compiled to Python code (fastjsonschema): ~10 us an object where
+    jsonschema takes ~300 us. It only says valid or not; a refusal is explained by jsonschema,
+    which lists every error (tests/api checks the two agree on the bad-input corpus)."""
+    return fastjsonschema.compile(crd.cached_open_api_schema())
+
+
 def _schema_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[FieldError]:
+    if schema is crd.cached_open_api_schema():
+        try:
+            _fast_check()(obj)
+            return []
+        except fastjsonschema.JsonSchemaException:
+            pass
     validator = _validator() if schema is crd.cached_open_api_schema() else jsonschema.Draft7Validator(schema)
     errors = []
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):

@@ -74,3 +74,28 @@ async def test_updates_that_cannot_work_are_refused_and_the_old_spec_stays(kube_
     grown = {**GOOD, "spec": {"postgresVersion": 17, "storage": {"size": "20Gi"}}}
     code, _, err = await kubectl(kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(grown))
     assert code == 0, err
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", BAD + EXAMPLES, ids=lambda p: p.name)
+def test_the_fast_schema_check_agrees_with_jsonschema(path: Path) -> None:
+    """Admission accepts on fastjsonschema's word and explains refusals with jsonschema:
+    the two must agree on every document of the corpus and the examples."""
+    import fastjsonschema
+
+    from controller.api import crd
+    from controller.api.validation import _fast_check, _validator, apply_defaults
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not doc or doc.get("kind") != "PostgresCluster":
+            continue
+        doc = apply_defaults(crd.cached_open_api_schema(), doc)
+        slow = not list(_validator().iter_errors(doc))
+        try:
+            _fast_check()(doc)
+            fast = True
+        except fastjsonschema.JsonSchemaException:
+            fast = False
+        assert fast == slow, path.name
