@@ -63,13 +63,14 @@ def _program(rule: str) -> Any:
     return _PROGRAMS[rule]
 
 
-def _evaluate(rule: str, activation: dict[str, Any]) -> Any:
+def _context(activation: dict[str, Any]) -> Any:
+    """The variables (converted to CEL once) and functions the rules of one node share."""
     context = cel.Context()
     for name, value in activation.items():
         context.add_variable(name, value)
     for name, function in _CEL_FUNCTIONS.items():
         context.add_function(name, function)
-    return _program(rule).execute(context)
+    return context
 
 
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
@@ -192,6 +193,7 @@ def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list
     errors: list[FieldError] = []
     if value is None:
         return errors
+    contexts: dict[bool, Any] = {}  # with and without oldSelf
     for rule in schema.get("x-kubernetes-validations", []):
         text = rule["rule"]
         if "oldSelf" in text and old is None:
@@ -201,11 +203,11 @@ def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list
             # on an update, errors of a rule without oldSelf on an unchanged value are
             # ignored, so the rule need not run.
             continue
-        activation = {"self": value}
-        if old is not None:
-            activation["oldSelf"] = old
+        transition = "oldSelf" in text
+        if transition not in contexts:
+            contexts[transition] = _context({"self": value, "oldSelf": old} if transition else {"self": value})
         try:
-            result = _evaluate(text, activation)
+            result = _program(text).execute(contexts[transition])
         except Exception as exc:  # a rule that cannot be evaluated refuses, as the API server does
             errors.append(FieldError(path, f"Invalid value: rule {text!r} could not be evaluated: {exc}"))
             continue
