@@ -11,11 +11,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from controller.broker import workers
 from controller.broker.config import DEFAULT_CONFIG, BrokerConfig
 from controller.broker.roles import PsycopgRoleManager
 from controller.broker.server import BasicCredentials, BrokerServer
 from controller.broker.service import Broker
-from controller.kube import KubeClient
+from controller.kube import KubeClient, KubeError
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     auth.add_argument("--credentials-file", help="basic-auth credentials: YAML {username, password} or user:password")
     auth.add_argument("--credentials-secret", metavar="NAMESPACE/NAME", help="a Secret with username and password")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="processes serving --listen together (SO_REUSEPORT, Linux); above 1, this process"
+        " supervises them: restarts one that dies, stops all on SIGTERM/SIGINT (default %(default)s)",
+    )
     serve.set_defaults(func=run)
     parser.set_defaults(func=_help(parser))
 
@@ -41,6 +49,12 @@ def _help(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int
         return 2
 
     return show
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (1 or more)")
+    return int(text)
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -68,15 +82,37 @@ def _kube(args: argparse.Namespace) -> KubeClient:
     return KubeClient.from_kubeconfig(default, **options)
 
 
-async def serve(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace) -> BrokerConfig:
     config = BrokerConfig.load(args.config)
     if args.namespace:
         config = config.model_copy(update={"namespace": args.namespace})
-    host, port = _listen(args.listen)
+    return config
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _announce(url: str, config: BrokerConfig, processes: int) -> None:
+    # The one line on stdout: tools (benchmarks/broker, tests) wait for it and read the URL.
+    more = f", {processes} workers" if processes > 1 else ""
+    print(f"pgbosh broker listening on {url} (namespace {config.namespace}{more})", flush=True)
+
+
+async def serve(
+    args: argparse.Namespace,
+    config: BrokerConfig,
+    credentials: BasicCredentials | None,
+    host: str,
+    port: int,
+    *,
+    ready: Callable[[BrokerServer], None],
+    reuse_port: bool = False,
+    lifeline: int | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT (or, in a worker, until the supervisor is gone)."""
     async with _kube(args) as kube:
-        if args.credentials_file:
-            credentials = BasicCredentials.from_file(args.credentials_file)
-        else:
+        if credentials is None:
             namespace, _, name = str(args.credentials_secret).partition("/")
             if not name:
                 raise ValueError("--credentials-secret wants NAMESPACE/NAME")
@@ -84,24 +120,64 @@ async def serve(args: argparse.Namespace) -> int:
         broker = Broker(config, kube, PsycopgRoleManager())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # A worker leaves SIGINT to its supervisor, which passes it on as SIGTERM.
+        for sig in (signal.SIGTERM,) if lifeline is not None else (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with BrokerServer(broker, credentials, host=host, port=port) as server:
-            print(f"pgbosh broker listening on {server.url} (namespace {config.namespace})", flush=True)
+        if lifeline is not None:
+            loop.add_reader(lifeline, stop.set)  # readable (closed) once the supervisor is gone
+        async with BrokerServer(broker, credentials, host=host, port=port, reuse_port=reuse_port) as server:
+            ready(server)
             await stop.wait()
     return 0
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _serve_workers(
+    args: argparse.Namespace, config: BrokerConfig, credentials: BasicCredentials | None, host: str, port: int
+) -> int:
+    if not workers.supported():
+        raise ValueError("--workers above 1 needs Linux (SO_REUSEPORT spreads connections only there)")
+    sockets = workers.reserve(host, port)
+    try:
+        port = int(sockets[0].getsockname()[1])
+
+        def worker(slot: int, ready: Callable[[], None], lifeline: int) -> int:
+            try:
+                return asyncio.run(
+                    serve(
+                        args, config, credentials, host, port,
+                        ready=lambda _: ready(), reuse_port=True, lifeline=lifeline,
+                    )
+                )  # fmt: skip
+            except (ValueError, OSError, KubeError) as exc:
+                print(f"pgbosh broker: worker {slot}: {exc}", file=sys.stderr, flush=True)
+                return 1
+
+        supervisor = workers.Supervisor(args.workers, worker, keep=sockets)
+        return supervisor.run(on_ready=lambda: _announce(_url(host, port), config, args.workers))
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def configure_logging(level: str, *, processes: int = 1) -> None:
+    # Workers share stderr: each line says which process wrote it.
+    process = " [%(process)d]" if processes > 1 else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{process} %(name)s: %(message)s")
     # httpx logs every Kubernetes call at INFO; the broker's one line per request says enough.
     logging.getLogger("httpx").setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, processes=args.workers)
     try:
-        return asyncio.run(serve(args))
-    except (ValueError, OSError) as exc:
+        config = _config(args)
+        host, port = _listen(args.listen)
+        credentials = BasicCredentials.from_file(args.credentials_file) if args.credentials_file else None
+        if args.workers > 1:
+            return _serve_workers(args, config, credentials, host, port)
+        return asyncio.run(
+            serve(args, config, credentials, host, port, ready=lambda s: _announce(s.url, config, 1))
+        )
+    except (ValueError, OSError, KubeError) as exc:
         print(f"pgbosh broker: {exc}", file=sys.stderr)
         return 1

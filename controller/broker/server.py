@@ -248,12 +248,21 @@ class BrokerServer:
     """The broker's HTTP server, started and stopped in-process."""
 
     def __init__(
-        self, broker: Broker, credentials: BasicCredentials, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        broker: Broker,
+        credentials: BasicCredentials,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reuse_port: bool = False,
     ) -> None:
+        """``reuse_port``: listen with SO_REUSEPORT, beside other processes on the same port
+        (``pgbosh broker serve --workers``)."""
         self.broker = broker
         self.credentials = credentials
         self.host = host
         self._port = port
+        self._reuse_port = reuse_port
         self.app = build_app(broker, credentials)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -273,7 +282,7 @@ class BrokerServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self._port)
+        self._site = web.TCPSite(self._runner, self.host, self._port, reuse_port=self._reuse_port or None)
         await self._site.start()
         log.info("broker listening on %s", self.url)
 
