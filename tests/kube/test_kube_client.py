@@ -6,11 +6,14 @@ import base64
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import kmock
 import pytest
 
 from controller.kube import Conflict, KubeClient, KubeError, NotFound, core_path, resource_path
+from controller.kube.client import DEFAULT_TIMEOUT
 
 CLUSTERS = "pgbosh.dev/v1alpha1/postgresclusters"
 
@@ -153,3 +156,57 @@ users:
     assert requests and requests[0].headers["Authorization"] == "Bearer abc"
     with pytest.raises(ValueError):
         KubeClient.from_kubeconfig(config, context="missing")
+
+
+class Recording(httpx.AsyncBaseTransport):
+    """Keeps what each request would put on the wire; answers 200, with a cookie if asked."""
+
+    def __init__(self, cookie: bool) -> None:
+        self.cookie = cookie
+        self.sent: list[tuple[str, str, list[tuple[bytes, bytes]], bytes, dict[str, Any]]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        body = await request.aread()
+        self.sent.append((request.method, str(request.url), request.headers.raw, body, dict(request.extensions)))
+        headers = {"Set-Cookie": "session=abc; Path=/"} if self.cookie else {}
+        return httpx.Response(200, json={"kind": "Status"}, headers=headers)
+
+
+@pytest.mark.parametrize("token", [None, "a-token"])
+async def test_requests_are_what_httpx_builds(token: str | None) -> None:
+    """KubeClient builds its requests from parts merged once; they are byte for byte the ones
+    httpx's client.request(json=..., params=..., headers=...) builds, and no cookie is kept."""
+    wire = Recording(cookie=True)
+    calls: list[tuple[str, str, Any, dict[str, str] | None, str]] = [
+        ("GET", "/api/v1/namespaces/x/secrets/a", None, None, "application/json"),
+        ("GET", "/apis/g/v1/namespaces/x/things", None, {"labelSelector": "a=b,c=d"}, "application/json"),
+        ("POST", "/apis/g/v1/namespaces/x/things", {"metadata": {"name": "é", "v": [1, 2.5, None]}}, None,
+         "application/json"),
+        ("PATCH", "/apis/g/v1/namespaces/x/things/n", {"metadata": {"labels": {"a": None}}}, None,
+         "application/merge-patch+json"),
+        ("DELETE", "/apis/g/v1/namespaces/x/things/n", None, None, "application/json"),
+        ("DELETE", "/apis/g/v1/namespaces/x/things/n", {"propagationPolicy": "Foreground"}, None, "application/json"),
+    ]  # fmt: skip
+    async with KubeClient("http://127.0.0.1:6443/prefix", token=token, transport=wire) as kube:
+        for method, path, body, params, content_type in calls:
+            for _ in range(2):  # the second time from the cached URL and headers
+                await kube._request(method, path, body=body, params=params, content_type=content_type)
+    async with httpx.AsyncClient(
+        base_url="http://127.0.0.1:6443/prefix",
+        headers={"Accept": "application/json", "User-Agent": "pgbosh"}
+        | ({"Authorization": f"Bearer {token}"} if token else {}),
+        timeout=DEFAULT_TIMEOUT,
+        transport=(reference := Recording(cookie=False)),
+    ) as http:
+        for method, path, body, params, content_type in calls:
+            headers = {"Content-Type": content_type} if body is not None else {}
+            await http.request(method, path, json=body, params=params, headers=headers)
+    assert wire.sent[::2] == reference.sent
+    assert wire.sent[1::2] == reference.sent
+    # Given a cookie with every answer, KubeClient sends none back.
+    assert all(b"cookie" not in dict(headers) for _, _, headers, _, _ in wire.sent)
+
+
+async def test_no_nan_in_bodies(kube: KubeClient) -> None:
+    with pytest.raises(ValueError):
+        await kube.create(resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "db"), {"x": float("nan")})
