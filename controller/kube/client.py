@@ -22,9 +22,9 @@ from urllib.parse import quote
 import httpx
 import yaml
 
-from controller.http_transport import AiohttpTransport
+from controller.http_transport import AiohttpTransport, StreamTransport
 
-__all__ = ["AiohttpTransport", "Conflict", "Invalid", "KubeClient", "KubeError", "NotFound"]
+__all__ = ["AiohttpTransport", "Conflict", "Invalid", "KubeClient", "KubeError", "NotFound", "StreamTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ JSON = dict[str, Any]
 # queued request, so a large pool under a burst costs more than it gains (benchmarks/broker).
 DEFAULT_MAX_CONNECTIONS = 10
 
-Backend = Literal["httpcore", "aiohttp"]
+Backend = Literal["httpcore", "aiohttp", "streams"]
 
 
 class KubeError(Exception):
@@ -155,8 +155,10 @@ class KubeClient:
         backend: Backend = "aiohttp",
     ) -> None:
         """The httpx requests go over :class:`AiohttpTransport` (aiohttp's pool: constant time
-        per call, where httpcore's re-examines every connection); ``backend="httpcore"`` keeps
-        httpx's own (it honours HTTP(S)_PROXY); ``transport`` overrides both."""
+        per call, where httpcore's re-examines every connection); ``backend="streams"`` over
+        :class:`StreamTransport` (HTTP/1.1 on asyncio streams, the least CPU a call: the
+        broker's); ``backend="httpcore"`` keeps httpx's own (it honours HTTP(S)_PROXY);
+        ``transport`` overrides them."""
         if isinstance(verify, ssl.SSLContext):
             tls: bool | ssl.SSLContext = verify
         elif not verify:
@@ -171,10 +173,12 @@ class KubeClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.server = server.rstrip("/")
-        if backend not in ("httpcore", "aiohttp"):
+        if backend not in ("httpcore", "aiohttp", "streams"):
             raise ValueError(f"unknown backend {backend!r}")
         if transport is None and backend == "aiohttp":
             transport = AiohttpTransport(verify=tls, max_connections=max_connections)
+        elif transport is None and backend == "streams":
+            transport = StreamTransport(verify=tls, max_connections=max_connections)
         self._http = _CookielessClient(
             base_url=self.server,
             headers=headers,

@@ -1,8 +1,9 @@
-"""The broker's Kubernetes client: KubeClient with ``backend="aiohttp"`` behaves as with httpcore.
+"""KubeClient with ``backend="streams"`` (the broker's) or ``"aiohttp"`` (the operator's)
+behaves as with httpcore.
 
-`pgbosh broker serve` carries its httpx requests over aiohttp's connection pool
-(controller.kube.client.AiohttpTransport); the answers, the errors and what is
-logged must be the same as on httpx's default transport.
+`pgbosh broker serve` carries its httpx requests over StreamTransport (HTTP/1.1 on asyncio
+streams), the operator over aiohttp's connection pool (AiohttpTransport); the answers, the
+errors and what is logged must be the same as on httpx's default transport.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from aiohttp import web
 from controller.broker import cli
 from controller.broker.config import BrokerConfig
 from controller.kube import Conflict, Invalid, KubeClient, KubeError, NotFound, resource_path
-from controller.kube.client import AiohttpTransport
+from controller.kube.client import StreamTransport
 from controller.local.kube import serve
 
-BACKENDS = ["httpcore", "aiohttp"]
+BACKENDS = ["httpcore", "aiohttp", "streams"]
 WIRE = {"accept", "accept-encoding", "user-agent", "content-type", "content-length", "authorization", "host"}
 COLLECTION = resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "db")
 SPEC = BrokerConfig.load().catalog.services[0].plans[0].cluster
@@ -141,9 +142,12 @@ async def test_unreachable_server_is_a_kube_error(backend: Any) -> None:
     assert error.value.status == 503 and "ConnectError" in error.value.message
 
 
-async def test_pool_keeps_connections_alive_and_bounded(odd_server: tuple[str, list[tuple[str, int]]]) -> None:
+@pytest.mark.parametrize("backend", ["aiohttp", "streams"])
+async def test_pool_keeps_connections_alive_and_bounded(
+    odd_server: tuple[str, list[tuple[str, int]]], backend: Any
+) -> None:
     url, peers = odd_server
-    async with KubeClient(url, backend="aiohttp", max_connections=5) as kube:
+    async with KubeClient(url, backend=backend, max_connections=5) as kube:
         await asyncio.gather(*(kube.get(f"/n/{i}") for i in range(20)))
         first = set(peers)
         await asyncio.gather(*(kube.get(f"/n/{i}") for i in range(20)))
@@ -156,8 +160,8 @@ async def test_same_headers_on_the_wire(odd_server: tuple[str, list[tuple[str, i
     for backend in BACKENDS:
         async with KubeClient(odd_server[0], token="t0ken", backend=backend) as kube:  # type: ignore[arg-type]
             seen[backend] = (await kube.create("/headers", {"a": 1}), await kube.get("/headers"))
-    assert seen["aiohttp"] == seen["httpcore"]
-    assert ["authorization", "Bearer t0ken"] in seen["aiohttp"][1]["headers"]
+    assert seen["aiohttp"] == seen["httpcore"] == seen["streams"]
+    assert ["authorization", "Bearer t0ken"] in seen["streams"][1]["headers"]
 
 
 def test_unknown_backend_is_refused() -> None:
@@ -165,7 +169,7 @@ def test_unknown_backend_is_refused() -> None:
         KubeClient("http://127.0.0.1:9", backend="curl")  # type: ignore[arg-type]
 
 
-async def test_broker_serve_uses_the_aiohttp_pool(tmp_path: Any) -> None:
+async def test_broker_serve_uses_the_stream_transport(tmp_path: Any) -> None:
     class Args:
         server = "http://127.0.0.1:9"
         kubeconfig = None
@@ -173,7 +177,7 @@ async def test_broker_serve_uses_the_aiohttp_pool(tmp_path: Any) -> None:
     kube = cli._kube(Args())  # type: ignore[arg-type]
     try:
         transport = kube._http._transport
-        assert isinstance(transport, AiohttpTransport)
+        assert isinstance(transport, StreamTransport)
         assert transport._max_connections >= 50  # a platform's burst of 50 provisions
     finally:
         await kube.aclose()
