@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -127,6 +128,11 @@ async def serve(
         if lifeline is not None:
             loop.add_reader(lifeline, stop.set)  # readable (closed) once the supervisor is gone
         async with BrokerServer(broker, credentials, host=host, port=port, reuse_port=reuse_port) as server:
+            # What start-up made (modules, models, schemas: ~50,000 objects) lives as long as the
+            # process: out of the collector's sight, a full collection takes ~1 ms, not ~30-50 ms
+            # in the middle of a burst of requests.
+            gc.collect()
+            gc.freeze()
             ready(server)
             await stop.wait()
     return 0
