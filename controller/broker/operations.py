@@ -30,9 +30,15 @@ FAILED: State = "failed"
 OperationType = Literal["provision", "update", "deprovision"]
 
 
+# What json.dumps(document, sort_keys=True, separators=(",", ":")) writes, without a new
+# encoder per call. The fingerprints already stored in annotations depend on these bytes.
+CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def fingerprint(document: Any) -> str:
     """A stable digest of a request's meaningful fields (for 'identical request' checks)."""
-    return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+    return hashlib.sha256(CANONICAL_JSON.encode(document).encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -44,9 +50,8 @@ class Operation:
 
     def annotation(self) -> str:
         # The fields in sorted order, as json.dumps(asdict(self), sort_keys=True) wrote them.
-        return json.dumps(
-            {"generation": self.generation, "id": self.id, "request": self.request, "type": self.type},
-            separators=(",", ":"),
+        return _COMPACT_JSON.encode(
+            {"generation": self.generation, "id": self.id, "request": self.request, "type": self.type}
         )
 
     @classmethod

@@ -21,7 +21,15 @@ from controller.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, Pos
 from controller.broker import naming
 from controller.broker.config import BrokerConfig, MaintenanceInfo, Plan, Service
 from controller.broker.errors import BrokerError, async_required, bad_request, concurrency_error, gone
-from controller.broker.operations import FAILED, IN_PROGRESS, Observed, Operation, fingerprint, observe
+from controller.broker.operations import (
+    CANONICAL_JSON,
+    FAILED,
+    IN_PROGRESS,
+    Observed,
+    Operation,
+    fingerprint,
+    observe,
+)
 from controller.broker.roles import AdminTarget, DatabaseUnavailable, RoleManager, generate_password
 from controller.kube import Conflict, Invalid, KubeClient, NotFound, core_path, resource_path
 
@@ -121,10 +129,19 @@ class Broker:
         self.roles = roles
         # (plan id, parameters as JSON) -> the validated spec as JSON; see _new_spec.
         self._spec_cache: dict[tuple[str, str], str] = {}
+        self._collection_of = ("", "")
 
     @property
     def namespace(self) -> str:
         return self.config.namespace
+
+    @property
+    def _collection(self) -> str:
+        """The PostgresClusters' collection path in the namespace (computed once per namespace)."""
+        namespace = self.config.namespace
+        if self._collection_of[0] != namespace:
+            self._collection_of = (namespace, resource_path(GROUP, VERSION, PLURAL, namespace))
+        return self._collection_of[1]
 
     # ---- lookups -------------------------------------------------------------------------
 
@@ -180,7 +197,7 @@ class Broker:
         validated spec is kept as JSON per combination (bounded) and handed out as a fresh copy.
         """
         used = {key: parameters[key] for key in SPEC_PARAMETERS if key in parameters}
-        key = (plan.id, json.dumps(used, sort_keys=True, separators=(",", ":")))
+        key = (plan.id, CANONICAL_JSON.encode(used))
         cached = self._spec_cache.get(key)
         if cached is None:
             cached = json.dumps(self._spec({}, plan, used), separators=(",", ":"))
@@ -239,6 +256,7 @@ class Broker:
 
         # Create first, look only on a conflict: one API call for the common case.
         operation = Operation(self._operation("provision"), "provision", generation=1, request=identity)
+        name = naming.cluster_name(instance_id)
         labels = {
             naming.MANAGED_BY: naming.MANAGER,
             naming.LABEL_SERVICE: naming.label_value(request.service_id),
@@ -253,7 +271,7 @@ class Broker:
             "apiVersion": API_VERSION,
             "kind": KIND,
             "metadata": {
-                "name": naming.cluster_name(instance_id),
+                "name": name,
                 "namespace": self.namespace,
                 "labels": labels,
                 "annotations": {
@@ -265,9 +283,7 @@ class Broker:
             "spec": spec,
         }
         try:
-            created = await self.kube.create(
-                resource_path(GROUP, VERSION, PLURAL, self.namespace), body_obj
-            )
+            created = await self.kube.create(self._collection, body_obj)
         except Conflict:
             # A repeat, a conflicting request for the same id, or one being deleted.
             existing = await self._cluster(instance_id)
@@ -278,14 +294,15 @@ class Broker:
             return self._repeat_provision(existing, identity)
         except Invalid as exc:
             raise BrokerError(400, "InvalidParameters", exc.message) from None
-        log.debug(
-            "provisioning instance %s as %s/%s (plan %s, generation %s)",
-            instance_id,
-            self.namespace,
-            naming.cluster_name(instance_id),
-            plan.name,
-            (created.get("metadata") or {}).get("generation"),
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "provisioning instance %s as %s/%s (plan %s, generation %s)",
+                instance_id,
+                self.namespace,
+                name,
+                plan.name,
+                (created.get("metadata") or {}).get("generation"),
+            )
         return 202, {"operation": operation.id}
 
     @staticmethod

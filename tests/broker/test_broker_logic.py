@@ -10,7 +10,7 @@ import re
 import pytest
 
 from controller.broker import naming
-from controller.broker.operations import Operation, observe
+from controller.broker.operations import Operation, fingerprint, observe
 from controller.broker.roles import scram_verifier
 from controller.broker.service import merge_diff
 
@@ -88,3 +88,16 @@ def test_scram_verifier_matches_rfc_7677_construction() -> None:
     stored = hashlib.sha256(hmac.new(salted, b"Client Key", hashlib.sha256).digest()).digest()
     assert keys.split(":")[0] == base64.b64encode(stored).decode()
     assert "pencil" not in verifier
+
+
+def test_fingerprint_is_stable() -> None:
+    # Stored in pgbosh.dev/osb-provision and compared with every repeat: it may never change.
+    document = {
+        "service_id": "s",
+        "plan_id": "p",
+        "organization_guid": "o",
+        "space_guid": None,
+        "parameters": {"postgresVersion": 16, "parameters": {"work_mem": "é"}},
+    }
+    assert fingerprint(document) == "799ac6e82af8d3d2209f761e0b1d6cfe"
+    assert fingerprint(dict(reversed(document.items()))) == fingerprint(document)
