@@ -126,7 +126,12 @@ async def serve(
         for sig in (signal.SIGTERM,) if lifeline is not None else (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if lifeline is not None:
-            loop.add_reader(lifeline, stop.set)  # readable (closed) once the supervisor is gone
+            # Readable (closed) once the supervisor is gone, however it ended.
+            def orphaned(fd: int = lifeline) -> None:
+                loop.remove_reader(fd)
+                stop.set()
+
+            loop.add_reader(lifeline, orphaned)
         async with BrokerServer(broker, credentials, host=host, port=port, reuse_port=reuse_port) as server:
             # What start-up made (modules, models, schemas: ~50,000 objects) lives as long as the
             # process: out of the collector's sight, a full collection takes ~1 ms, not ~30-50 ms

@@ -179,6 +179,8 @@ class Supervisor:
 
     def _start(self, slot: int) -> None:
         ready_r, ready_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):  # or the worker would write it out again
+            stream.flush()
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(ready_r)
