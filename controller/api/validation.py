@@ -189,6 +189,15 @@ def _set_duplicates(schema: dict[str, Any], value: Any, path: str) -> list[Field
     return errors
 
 
+def _cel_root(obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What root-level rules see: of the metadata, only name and generateName, as in
+    Kubernetes (labels, annotations and the rest are not exposed to CEL)."""
+    if obj is None:
+        return None
+    meta = obj.get("metadata") or {}
+    return {**obj, "metadata": {k: meta[k] for k in ("name", "generateName") if k in meta}}
+
+
 def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list[FieldError]:
     errors: list[FieldError] = []
     if value is None:
@@ -254,7 +263,7 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, A
     errors += _set_duplicates(schema, defaulted, "")
     if not errors:
         old_defaulted = apply_defaults(schema, old) if old is not None else None
-        errors += _cel_errors(schema, defaulted, old_defaulted, "")
+        errors += _cel_errors(schema, _cel_root(defaulted), _cel_root(old_defaulted), "")
     if errors:
         raise Invalid(models.KIND, name, errors)
     result: dict[str, Any] = defaulted

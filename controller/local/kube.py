@@ -34,6 +34,10 @@ from controller.api.validation import Invalid, admit, admit_status
 
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 PGC_RESOURCE = f"{models.GROUP}/{models.VERSION}/{models.PLURAL}"
+# Parsed once: kmock parses a resource spelling on every construction.
+_PGC = kmock.resource(PGC_RESOURCE)
+_SECRETS = kmock.resource("v1/secrets")
+_EVENTS = kmock.resource("v1/events")
 
 # Resources pgbosh and its users touch, with the names kubectl discovers them by.
 CORE_RESOURCES: dict[str, dict[str, Any]] = {
@@ -234,16 +238,16 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         meta["generation"] = 1
         meta.pop("resourceVersion", None)
         meta.pop("deletionTimestamp", None)
-        if request.resource == kmock.resource(PGC_RESOURCE):
+        if request.resource == _PGC:
             data.pop("status", None)
             data = self._admit(data, None)
-        if request.resource == kmock.resource("v1/secrets") and isinstance(data.get("stringData"), dict):
+        if request.resource == _SECRETS and isinstance(data.get("stringData"), dict):
             encoded = {k: base64.b64encode(str(v).encode()).decode() for k, v in data.pop("stringData").items()}
             data["data"] = {**(data.get("data") or {}), **encoded}
         return self._stamp(data)
 
     def _prepare_update(self, request: rendering.Request, current: dict[str, Any]) -> dict[str, Any]:
-        is_pgc = request.resource == kmock.resource(PGC_RESOURCE)
+        is_pgc = request.resource == _PGC
         if isinstance(request.data, list):  # application/json-patch+json (kopf uses it for finalizers)
             target = _apply_json_patch(current, request.data)
             patch = _merge_diff(current, target)
@@ -466,9 +470,9 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
     def _table(self, request: rendering.Request, items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
         columns: list[dict[str, Any]] = [{"name": "Name", "type": "string", "format": "name", "description": "Name"}]
         extra: list[dict[str, Any]] = []
-        if request.resource == kmock.resource(PGC_RESOURCE):
+        if request.resource == _PGC:
             extra = crd.PRINTER_COLUMNS
-        elif request.resource == kmock.resource("v1/events"):
+        elif request.resource == _EVENTS:
             extra = EVENT_COLUMNS
         else:
             extra = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
