@@ -15,7 +15,9 @@ import httpx
 if TYPE_CHECKING:
     import aiohttp
 
-# The pool size when the caller does not say.
+# The pool size when the caller does not say: few connections (one server, short calls);
+# httpcore scans its whole pool for every queued request, so a large pool costs more than
+# it gains under a burst (benchmarks/broker).
 DEFAULT_MAX_CONNECTIONS = 10
 # httpx's own default keep-alive expiry; this transport uses the same.
 KEEPALIVE_EXPIRY = 5.0

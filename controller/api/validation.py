@@ -117,8 +117,9 @@ def _schema_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[FieldErr
             _fast_check()(obj)
             return []
         except fastjsonschema.JsonSchemaException:
-            pass
-    validator = _validator() if schema is crd.cached_open_api_schema() else jsonschema.Draft7Validator(schema)
+            validator = _validator()
+    else:
+        validator = jsonschema.Draft7Validator(schema)
     errors = []
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
         path = _path(err.absolute_path)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 import yaml
 
-from controller.http_transport import AiohttpTransport, StreamTransport
+from controller.http_transport import DEFAULT_MAX_CONNECTIONS, AiohttpTransport, StreamTransport
 
 __all__ = ["AiohttpTransport", "Conflict", "Invalid", "KubeClient", "KubeError", "NotFound", "StreamTransport"]
 
@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 JSON = dict[str, Any]
-# Few connections: one API server, short calls. httpcore scans its whole pool for every
-# queued request, so a large pool under a burst costs more than it gains (benchmarks/broker).
-DEFAULT_MAX_CONNECTIONS = 10
 
 Backend = Literal["httpcore", "aiohttp", "streams"]
 

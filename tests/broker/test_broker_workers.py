@@ -82,14 +82,18 @@ def credentials(tmp_path: Path) -> Path:
     return path
 
 
+async def start_two_workers(kubeconfig: Path, credentials: Path, log: Path) -> asyncio.subprocess.Process:
+    return await start(
+        "--listen", "127.0.0.1:0", "--kubeconfig", str(kubeconfig), "--credentials-file", str(credentials),
+        "--workers", "2", log=log,
+    )  # fmt: skip
+
+
 async def test_two_workers_share_the_port_restart_and_stop(
     tmp_path: Path, kubeconfig: Path, credentials: Path
 ) -> None:
     log = tmp_path / "broker.log"
-    process = await start(
-        "--listen", "127.0.0.1:0", "--kubeconfig", str(kubeconfig), "--credentials-file", str(credentials),
-        "--workers", "2", log=log,
-    )  # fmt: skip
+    process = await start_two_workers(kubeconfig, credentials, log)
     try:
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), timeout=60)).decode()
@@ -128,10 +132,7 @@ async def test_two_workers_share_the_port_restart_and_stop(
 async def test_worker_follows_its_supervisor(tmp_path: Path, kubeconfig: Path, credentials: Path) -> None:
     """Killed without a chance to clean up, the supervisor leaves no worker holding the port."""
     log = tmp_path / "broker.log"
-    process = await start(
-        "--listen", "127.0.0.1:0", "--kubeconfig", str(kubeconfig), "--credentials-file", str(credentials),
-        "--workers", "2", log=log,
-    )  # fmt: skip
+    process = await start_two_workers(kubeconfig, credentials, log)
     try:
         assert process.stdout is not None
         await asyncio.wait_for(process.stdout.readline(), timeout=60)

@@ -87,13 +87,7 @@ async def test_switchover_moves_the_primary_without_losing_writes(kube_api, kube
         old = next(i for i in st["instances"] if i["role"] == "primary")
         target = next(i for i in st["instances"] if i["role"] == "replica")
         creds = await kube.get_secret("default", "demo-pgbosh-credentials")
-        with psycopg.connect(
-            host=old["address"],
-            user=creds["username"],
-            password=creds["password"],
-            dbname="postgres",
-            autocommit=True,
-        ) as conn:
+        with connect(old["address"], creds) as conn:
             conn.execute("CREATE TABLE switchover_writes (id bigint PRIMARY KEY)")
         writer = Writer(world.consul.dns_port, creds["username"], creds["password"])
         writer.start()
@@ -104,13 +98,7 @@ async def test_switchover_moves_the_primary_without_losing_writes(kube_api, kube
         await asyncio.to_thread(writer.join, 15)
         assert code == 0, out
         assert await dig(world.consul.dns_port, MASTER) == [target["address"]]
-        with psycopg.connect(
-            host=target["address"],
-            user=creds["username"],
-            password=creds["password"],
-            dbname="postgres",
-            autocommit=True,
-        ) as conn:
+        with connect(target["address"], creds) as conn:
             present = {int(r[0]) for r in conn.execute("SELECT id FROM switchover_writes").fetchall()}
         acked = {seq for seq, _ in writer.acked}
         assert acked - present == set(), "acknowledged commits lost"
@@ -134,6 +122,12 @@ async def test_switchover_moves_the_primary_without_losing_writes(kube_api, kube
         assert st.get("currentPrimary") == target["name"]
         assert "pgbosh.dev/switchover-to" not in ((await kube.get(f"{PATH}/demo"))["metadata"].get("annotations") or {})
         assert await dig(world.consul.dns_port, MASTER) == [target["address"]]
+
+
+def connect(address: str, creds: dict[str, str]) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        host=address, user=creds["username"], password=creds["password"], dbname="postgres", autocommit=True
+    )
 
 
 async def switchover_cli(kubeconfig: str, to: str) -> tuple[int | None, str]:
