@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ def _cel_compare_to(left: Any, right: Any) -> int:
 
 
 _CEL_FUNCTIONS: dict[str, Any] = {"quantity": _cel_quantity, "compareTo": _cel_compare_to}
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PROGRAMS: dict[str, Any] = {}
 
 
@@ -63,18 +65,154 @@ def _program(rule: str) -> Any:
     return _PROGRAMS[rule]
 
 
-def _context(activation: dict[str, Any]) -> Any:
-    """The variables (converted to CEL once) and functions the rules of one node share."""
-    context = cel.Context()
+def _fields_read(rule: str, variable: str) -> frozenset[str] | None:
+    """The top-level fields of `variable` a rule reads, when it reads it only as
+    `variable.field` (None: it uses the whole value, e.g. `self == ...` or `self.all(...)`).
+
+    Converting a value to CEL costs ~1.5 us a string (the binding's conversion), so the rules
+    get only the fields they read: for field selection and has(), a map cut down to those
+    keys gives the same result as the whole one."""
+    fields = set()
+    for match in re.finditer(rf"(?<![A-Za-z0-9_.]){variable}\b", rule):
+        rest = rule[match.end() :]
+        field = _IDENTIFIER.match(rest[1:]) if rest.startswith(".") else None
+        if field is None or rest[1 + field.end() :].lstrip().startswith("("):
+            return None  # the whole value, or a macro or method called on it
+        fields.add(field.group())
+    return frozenset(fields)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    text: str
+    message: str
+    field_path: str
+    program: Any
+    transition: bool  # reads oldSelf: runs on updates only
+
+
+@dataclass(frozen=True)
+class _Node:
+    """The CEL rules of one schema node, ready to run, and which of its properties lead to more."""
+
+    rules: tuple[_Rule, ...]
+    reads: dict[bool, dict[str, frozenset[str] | None]]  # per transition flag: variable -> fields
+    functions: dict[bool, dict[str, Any]]  # per transition flag: the custom functions its rules call
+    children: tuple[tuple[str, _Node], ...]
+
+
+_NODES: dict[int, tuple[dict[str, Any], _Node | None]] = {}  # by id(schema node); the node kept alive
+
+
+def _node(schema: dict[str, Any]) -> _Node | None:
+    """The rules of this node and of the nodes below it (None: no rule anywhere below)."""
+    cached = _NODES.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    rules = tuple(
+        _Rule(
+            text=rule["rule"],
+            message=rule.get("message", ""),
+            field_path=rule.get("fieldPath", ""),
+            program=_program(rule["rule"]),
+            transition="oldSelf" in rule["rule"],
+        )
+        for rule in schema.get("x-kubernetes-validations", [])
+    )
+    children: list[tuple[str, _Node]] = []
+    if schema.get("type") == "object":
+        for name, sub_schema in schema.get("properties", {}).items():
+            sub = _node(sub_schema)
+            if sub is not None:
+                children.append((name, sub))
+    reads: dict[bool, dict[str, frozenset[str] | None]] = {}
+    functions: dict[bool, dict[str, Any]] = {}
+    for transition in (False, True):
+        # A context with oldSelf serves the transition rules; the others get one without.
+        group = [r for r in rules if r.transition == transition]
+        variables = ("self", "oldSelf") if transition else ("self",)
+        reads[transition] = {}
+        for variable in variables:
+            read: frozenset[str] | None = frozenset()
+            for rule in group:
+                fields = _fields_read(rule.text, variable)
+                read = None if read is None or fields is None else read | fields
+            reads[transition][variable] = read
+        functions[transition] = {
+            name: fn for name, fn in _CEL_FUNCTIONS.items() if any(f"{name}(" in r.text for r in group)
+        }
+    node = _Node(rules, reads, functions, tuple(children)) if rules or children else None
+    _NODES[id(schema)] = (schema, node)
+    return node
+
+
+_OUTCOMES: dict[str, dict[str, bool | str]] = {}  # memo of _outcomes, by node and variables
+_OUTCOMES_MAX = 4096
+_KEY = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
+def _outcomes(node: _Node, transition: bool, activation: dict[str, Any]) -> dict[str, bool | str]:
+    """Each rule of one group (with or without oldSelf) of a node: passed, failed, or the
+    text of the error that stopped its evaluation.
+
+    The variables are cut to the fields the rules read and converted to CEL once for the
+    group. Rules are pure functions of their variables, so outcomes are remembered by the
+    variables' JSON: most clusters share a few plan-shaped specs."""
+    pruned = {}
     for name, value in activation.items():
+        fields = node.reads[transition][name]
+        pruned[name] = (
+            {k: value[k] for k in fields if k in value} if fields is not None and isinstance(value, dict) else value
+        )
+    try:
+        key: str | None = f"{id(node)}:{transition}:" + _KEY(pruned)
+    except (TypeError, ValueError):  # not JSON (a YAML date, say): evaluate without the memo
+        key = None
+    if key is not None and key in _OUTCOMES:
+        return _OUTCOMES[key]
+    context = cel.Context()
+    for name, value in pruned.items():
         context.add_variable(name, value)
-    for name, function in _CEL_FUNCTIONS.items():
+    for name, function in node.functions[transition].items():
         context.add_function(name, function)
-    return context
+    outcomes: dict[str, bool | str] = {}
+    for rule in node.rules:
+        if rule.transition == transition:
+            try:
+                outcomes[rule.text] = bool(rule.program.execute(context))
+            except Exception as exc:  # reported as a refusal by the caller, as the API server does
+                outcomes[rule.text] = str(exc)
+    if key is not None:
+        if len(_OUTCOMES) >= _OUTCOMES_MAX:
+            _OUTCOMES.clear()
+        _OUTCOMES[key] = outcomes
+    return outcomes
+
+
+_DEFAULTED: dict[int, tuple[dict[str, Any], bool]] = {}  # by id(schema node); the node kept alive
+
+
+def _has_defaults(schema: dict[str, Any]) -> bool:
+    """Whether defaulting can change a value of this schema node (a default at or below it)."""
+    cached = _DEFAULTED.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    below = [*schema.get("properties", {}).values()]
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            below.append(schema[key])
+    found = any("default" in sub or _has_defaults(sub) for sub in below)
+    _DEFAULTED[id(schema)] = (schema, found)
+    return found
 
 
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """Structural defaulting: fill missing properties that have a default, recursively."""
+    """Structural defaulting: fill missing properties that have a default, recursively.
+
+    The input is not changed: what gets a default is copied; subtrees that no default can
+    reach are shared with it."""
+    if not _has_defaults(schema):
+        return value
     if not isinstance(value, dict) or schema.get("type") != "object":
         if isinstance(value, list) and "items" in schema:
             return [apply_defaults(schema["items"], v) for v in value]
@@ -103,23 +241,49 @@ def _validator() -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(crd.cached_open_api_schema())
 
 
+def _closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema as the API server applies it with strict field validation: objects with
+    declared properties refuse others (unless they preserve unknown fields), and
+    `x-kubernetes-list-type: set` lists refuse duplicates."""
+    out = dict(schema)
+    if out.get("type") == "object" and "properties" in out:
+        out["properties"] = {name: _closed(sub) for name, sub in out["properties"].items()}
+        if not out.get("x-kubernetes-preserve-unknown-fields") and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = _closed(out["additionalProperties"])
+    if out.get("type") == "array" and isinstance(out.get("items"), dict):
+        out["items"] = _closed(out["items"])
+        if out.get("x-kubernetes-list-type") == "set":
+            out["uniqueItems"] = True
+    return out
+
+
 @functools.cache
 def _fast_check() -> Any:
-    """The CRD schema compiled to Python code (fastjsonschema): ~10 us an object where
-    jsonschema takes ~300 us. It only says valid or not; a refusal is explained by jsonschema,
-    which lists every error (tests/api checks the two agree on the bad-input corpus)."""
-    return fastjsonschema.compile(crd.cached_open_api_schema())
+    """Schema, unknown fields and set duplicates checked at once by the CRD's closed schema
+    compiled to Python code (fastjsonschema): ~10 us an object where the explaining walk and
+    jsonschema take ~30-300 us. It only says valid or not; a refusal is explained by those,
+    which list every error (tests/api checks the two agree on the bad-input corpus)."""
+    return fastjsonschema.compile(_closed(crd.cached_open_api_schema()))
 
 
-def _schema_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[FieldError]:
+def _structural_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[FieldError]:
+    """Unknown fields, schema violations and duplicates in sets, in the API server's words."""
     if schema is crd.cached_open_api_schema():
         try:
             _fast_check()(obj)
             return []
         except fastjsonschema.JsonSchemaException:
-            validator = _validator()
-    else:
-        validator = jsonschema.Draft7Validator(schema)
+            pass
+    errors = _unknown_fields(schema, obj, "")
+    errors += _schema_errors(schema, obj)
+    errors += _set_duplicates(schema, obj, "")
+    return errors
+
+
+def _schema_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[FieldError]:
+    validator = _validator() if schema is crd.cached_open_api_schema() else jsonschema.Draft7Validator(schema)
     errors = []
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
         path = _path(err.absolute_path)
@@ -200,35 +364,37 @@ def _cel_root(obj: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _cel_errors(schema: dict[str, Any], value: Any, old: Any, path: str) -> list[FieldError]:
+    node = _node(schema)
+    return [] if node is None else _node_errors(node, value, old, path)
+
+
+def _node_errors(node: _Node, value: Any, old: Any, path: str) -> list[FieldError]:
     errors: list[FieldError] = []
     if value is None:
         return errors
-    contexts: dict[bool, Any] = {}  # with and without oldSelf
-    for rule in schema.get("x-kubernetes-validations", []):
-        text = rule["rule"]
-        if "oldSelf" in text and old is None:
+    groups: dict[bool, dict[str, bool | str]] = {}  # outcomes with and without oldSelf
+    for rule in node.rules:
+        if rule.transition and old is None:
             continue  # transition rules apply to updates only
-        if "oldSelf" not in text and old is not None and value == old:
+        if not rule.transition and old is not None and value == old:
             # Validation ratcheting (KEP-4008, on by default since Kubernetes 1.30, GA in 1.33):
             # on an update, errors of a rule without oldSelf on an unchanged value are
             # ignored, so the rule need not run.
             continue
-        transition = "oldSelf" in text
-        if transition not in contexts:
-            contexts[transition] = _context({"self": value, "oldSelf": old} if transition else {"self": value})
-        try:
-            result = _program(text).execute(contexts[transition])
-        except Exception as exc:  # a rule that cannot be evaluated refuses, as the API server does
-            errors.append(FieldError(path, f"Invalid value: rule {text!r} could not be evaluated: {exc}"))
-            continue
-        if not bool(result):
-            where = path + rule.get("fieldPath", "") if rule.get("fieldPath") else path
-            errors.append(FieldError(where.lstrip("."), f"Invalid value: {rule['message']}"))
-    if schema.get("type") == "object" and isinstance(value, dict):
-        for name, sub in schema.get("properties", {}).items():
+        if rule.transition not in groups:
+            activation = {"self": value, "oldSelf": old} if rule.transition else {"self": value}
+            groups[rule.transition] = _outcomes(node, rule.transition, activation)
+        outcome = groups[rule.transition][rule.text]
+        if isinstance(outcome, str):  # a rule that cannot be evaluated refuses, as the API server does
+            errors.append(FieldError(path, f"Invalid value: rule {rule.text!r} could not be evaluated: {outcome}"))
+        elif not outcome:
+            where = path + rule.field_path if rule.field_path else path
+            errors.append(FieldError(where.lstrip("."), f"Invalid value: {rule.message}"))
+    if isinstance(value, dict):
+        for name, child in node.children:
             if name in value:
                 old_sub = old.get(name) if isinstance(old, dict) else None
-                errors.extend(_cel_errors(sub, value[name], old_sub, f"{path}.{name}" if path else name))
+                errors.extend(_node_errors(child, value[name], old_sub, f"{path}.{name}" if path else name))
     return errors
 
 
@@ -259,9 +425,7 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, A
     schema = crd.cached_open_api_schema()
     name = str((obj.get("metadata") or {}).get("name", ""))
     defaulted = apply_defaults(schema, obj)
-    errors = _unknown_fields(schema, defaulted, "")
-    errors += _schema_errors(schema, defaulted)
-    errors += _set_duplicates(schema, defaulted, "")
+    errors = _structural_errors(schema, defaulted)
     if not errors:
         old_defaulted = apply_defaults(schema, old) if old is not None else None
         errors += _cel_errors(schema, _cel_root(defaulted), _cel_root(old_defaulted), "")
