@@ -19,6 +19,7 @@ import fnmatch
 import inspect
 import itertools
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -65,8 +66,16 @@ EVENT_COLUMNS: list[dict[str, Any]] = [
 ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete", "deletecollection"}
 
 
+_last_second: list[Any] = [None, ""]  # the second _now() last formatted, and its text
+
+
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 UTC to the second, as the API server writes timestamps (formatted once a second)."""
+    second = int(time.time())
+    if _last_second[0] != second:
+        _last_second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))]
+    text: str = _last_second[1]
+    return text
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -247,8 +256,10 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         return None if obj.deleted else copy.deepcopy(dict(obj.raw))
 
     def _prepare_create(self, request: rendering.Request) -> dict[str, Any]:
-        data: dict[str, Any] = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
-        meta = data.setdefault("metadata", {})
+        # Copies of the two levels written here (admission copies what it defaults), so the
+        # request's own body stays as it came if the create is refused.
+        data: dict[str, Any] = dict(request.data) if isinstance(request.data, dict) else {}
+        meta = data["metadata"] = dict(data.get("metadata") or {})
         if request.namespace and not meta.get("namespace"):
             meta["namespace"] = request.namespace
         if not meta.get("name") and meta.get("generateName"):
@@ -352,7 +363,14 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
                     {"metadata": {"resourceVersion": str(next(self._versions))}}
                 )
         try:
-            return await super()._handle(request)
+            response = await super()._handle(request)
+            if request.action == enums.action.CREATE and response.status == 200 and not response.prepared:
+                response.set_status(201)  # the API server's answer to a create: 201 Created
+            return response
+        except k8s.KubernetesObjectNotFoundError:
+            raise _object_error(request, 404, "NotFound", "not found") from None
+        except k8s.KubernetesObjectConflictError:
+            raise _object_error(request, 409, "AlreadyExists", "already exists") from None
         finally:
             if self.forget_served_requests:
                 self._forget(request)
@@ -528,6 +546,23 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
             "columnDefinitions": columns,
             "rows": rows,
         }
+
+
+def _object_error(request: rendering.Request, status: int, reason: str, what: str) -> k8s.KubernetesError:
+    """The API server's Status for a missing or existing object, e.g. 404 NotFound with
+    `postgresclusters.pgbosh.dev "orders" not found` (kmock's own words name kmock)."""
+    name = request.name
+    if name is None and isinstance(request.data, dict):
+        name = (request.data.get("metadata") or {}).get("name")
+    group = request.resource.group if request.resource is not None else ""
+    plural = request.resource.plural if request.resource is not None else ""
+    qualified = f"{plural}.{group}" if group else str(plural)
+    return k8s.KubernetesError(
+        status=status,
+        reason=reason,
+        message=f'{qualified} "{name}" {what}',
+        details={"name": name, "group": group or "", "kind": plural},
+    )
 
 
 def _as_scale(payload: rendering.Payload) -> rendering.Payload:

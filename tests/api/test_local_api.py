@@ -66,3 +66,42 @@ async def test_updates_ratchet_rules_on_unchanged_values(kube_api, kube: KubeCli
     with pytest.raises(Invalid, match="sync"):
         await kube.merge_patch(f"{PATH}/legacy", {"spec": {"replication": {"syncStandbys": 2}}})
     assert (await kube.get(f"{PATH}/legacy"))["spec"]["replication"]["syncStandbys"] == 1
+
+
+async def test_a_create_answers_201_and_a_refused_one_changes_nothing(kube_api) -> None:
+    """As the API server: 201 Created for a new object (kubectl and client-go expect it), 409
+    for a name in use, 422 for a refused object, and the refused body is not stored."""
+    import httpx
+
+    url = kube_api[1]
+    async with httpx.AsyncClient(base_url=url) as http:
+        created = await http.post(PATH, json=cluster("fresh"))
+        assert created.status_code == 201, created.text
+        assert created.json()["metadata"]["generation"] == 1
+        again = await http.post(PATH, json=cluster("fresh"))
+        assert again.status_code == 409 and again.json()["reason"] == "AlreadyExists"
+        refused = await http.post(PATH, json=cluster("bad", instances=0))
+        assert refused.status_code == 422 and "spec.instances" in refused.json()["message"]
+        assert (await http.get(f"{PATH}/bad")).status_code == 404
+        secret = {"metadata": {"name": "s1"}, "stringData": {"password": "x"}}
+        assert (await http.post("/api/v1/namespaces/default/secrets", json=secret)).status_code == 201
+
+
+async def test_missing_and_existing_objects_get_the_api_servers_status(kube_api) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=kube_api[1]) as http:
+        missing = await http.get(f"{PATH}/nope")
+        assert missing.status_code == 404
+        assert missing.json() == {
+            "apiVersion": "v1",
+            "kind": "Status",
+            "metadata": {},
+            "code": 404,
+            "status": "Failure",
+            "reason": "NotFound",
+            "message": 'postgresclusters.pgbosh.dev "nope" not found',
+            "details": {"name": "nope", "group": "pgbosh.dev", "kind": "postgresclusters"},
+        }
+        gone = await http.delete("/api/v1/namespaces/default/secrets/nope")
+        assert gone.status_code == 404 and gone.json()["message"] == 'secrets "nope" not found'
