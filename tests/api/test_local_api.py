@@ -105,3 +105,53 @@ async def test_missing_and_existing_objects_get_the_api_servers_status(kube_api)
         }
         gone = await http.delete("/api/v1/namespaces/default/secrets/nope")
         assert gone.status_code == 404 and gone.json()["message"] == 'secrets "nope" not found'
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers"),
+    [
+        ("POST", PATH, b'{"metadata": {"name": "a"}}', {"Content-Type": "application/json"}),
+        ("GET", f"{PATH}/a?resourceVersion=0", b"", {}),
+        ("PATCH", f"{PATH}/a/status", b'{"status": {}}', {"Content-Type": "application/merge-patch+json"}),
+        ("DELETE", "/api/v1/namespaces/default/secrets/s", b"", {"Cookie": "c=1"}),
+        ("GET", f"{PATH}?watch=true&labelSelector=a%3Db", b"", {}),
+        ("GET", "/apis", b"", {}),
+        ("GET", "/version", b"", {}),
+        ("POST", "/form", b"a=1&b=2", {"Content-Type": "application/x-www-form-urlencoded"}),
+        ("POST", PATH, b"not json", {"Content-Type": "application/json"}),
+    ],
+)
+async def test_requests_are_parsed_as_kmock_parses_them(method, path, body, headers) -> None:
+    """The local API parses requests itself (a cached resource per spelling); the model must
+    be the one kmock builds."""
+    from aiohttp.test_utils import make_mocked_request
+    from kmock._internal import rendering
+
+    from controller.local.kube import _parse_request
+
+    def raw():  # each parse reads the body once, as on the wire
+        request = make_mocked_request(method, path, headers={**headers, "Content-Length": str(len(body))})
+        request._read_bytes = body
+        return request
+
+    ours = await _parse_request(raw(), id=7)
+    theirs = await rendering.Request._parse(raw(), id=7)
+    fields = ("id", "method", "url", "params", "headers", "cookies", "body", "text", "data")
+    fields += ("action", "resource", "namespace", "name", "subresource")
+    for field in fields:
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert (await _parse_request(raw(), id=8)).resource is ours.resource  # looked up, not built again
+
+
+@pytest.mark.parametrize("forget", [True, False])
+async def test_a_long_running_api_does_not_keep_refusals(forget: bool) -> None:
+    """kmock keeps every error it answered for tests' assertions; `pgbosh dev` and the
+    benchmarks (forget_served_requests) would grow without bound, so they keep none."""
+    from controller.local.kube import serve
+
+    async with serve(forget_served_requests=forget) as (api, url), KubeClient(url) as client:
+        for _ in range(5):
+            with pytest.raises(NotFound):
+                await client.get(f"{PATH}/nope")
+        assert len(api.errors) == (0 if forget else 5)
+        assert len(api._requests) == (0 if forget else 5)
