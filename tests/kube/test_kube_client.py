@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -210,3 +211,26 @@ async def test_requests_are_what_httpx_builds(token: str | None) -> None:
 async def test_no_nan_in_bodies(kube: KubeClient) -> None:
     with pytest.raises(ValueError):
         await kube.create(resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "db"), {"x": float("nan")})
+
+
+async def test_calls_go_straight_to_a_given_transport() -> None:
+    """With a transport (ours, or a test's), KubeClient hands requests to it itself:
+    AsyncClient.send's auth, redirect, hook and cookie steps do nothing for it, and httpx
+    applies no environment proxy to a given transport. Answers and errors are the same;
+    backend="httpcore" (no transport: httpx's own, with proxies) keeps client.send."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/missing"):
+            return httpx.Response(404, json={"kind": "Status", "reason": "NotFound", "message": "gone"})
+        return httpx.Response(201, json={"metadata": {"name": "n"}, "echo": json.loads(request.content or b"{}")})
+
+    transport = httpx.MockTransport(answer)
+    async with KubeClient("http://127.0.0.1:6443", transport=transport) as kube:
+        assert kube._direct is transport
+        created = await kube.create("/api/v1/namespaces/x/things", {"a": 1})
+        assert created == {"metadata": {"name": "n"}, "echo": {"a": 1}}
+        with pytest.raises(NotFound) as missing:
+            await kube.get("/api/v1/namespaces/x/things/missing")
+        assert missing.value.status == 404 and "gone" in str(missing.value)
+    async with KubeClient("http://127.0.0.1:6443", backend="httpcore") as kube:
+        assert kube._direct is None
