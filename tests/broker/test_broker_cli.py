@@ -70,3 +70,34 @@ async def test_serve_without_credentials_file_fails(tmp_path: Path) -> None:
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 1
     assert "pgbosh broker:" in stderr.decode()
+
+
+async def test_a_serving_broker_freezes_start_up_objects_and_collects_rarely() -> None:
+    """Start-up objects are frozen out of the collector and young collections run every
+    GC_YOUNG_THRESHOLD allocations, not Python's 700 (measured in controller/broker/README.md)."""
+    import argparse
+    import gc
+    import os
+
+    from controller.broker.config import BrokerConfig
+    from controller.broker.server import BasicCredentials
+
+    saved = gc.get_threshold()
+    seen: dict[str, object] = {}
+
+    def ready(server: object) -> None:
+        seen["threshold"] = gc.get_threshold()
+        seen["frozen"] = gc.get_freeze_count()
+        os.kill(os.getpid(), signal.SIGTERM)  # the broker's own handler stops it
+
+    try:
+        async with serve() as (_, url):
+            args = argparse.Namespace(server=url, kubeconfig=None, credentials_secret=None)
+            config = BrokerConfig.load()
+            code = await cli.serve(args, config, BasicCredentials("u", "p"), "127.0.0.1", 0, ready=ready)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
+    assert code == 0
+    assert seen["threshold"] == (cli.GC_YOUNG_THRESHOLD, *saved[1:])
+    assert isinstance(seen["frozen"], int) and seen["frozen"] > 10_000
