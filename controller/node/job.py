@@ -265,6 +265,12 @@ class PostgresJob:
             await self._repmgr("primary", "register", "--force")
         elif plan is Provisioning.CLONE:
             await self._repmgr("standby", "register", "--force")
+        elif not self.layout.data_dir_is_standby():
+            # A primary starting on its disk again: the job's properties are the truth on
+            # every start, as BOSH means them. Passwords that changed (rotated, or credentials
+            # made anew for a deployment that was adopted) and missing databases are applied;
+            # the standbys get them through replication.
+            await self._create_roles_and_databases()
         if plan is not Provisioning.REUSE:
             self.layout.provisioned_marker.write_text(f"{plan.value}\n")
         await self._wait_for_local_node_record()

@@ -58,7 +58,11 @@ def make_base_dir() -> Path:
     return base
 
 
-def properties(repmgr: dict[str, Any] | None = None, replication: dict[str, Any] | None = None) -> dict[str, Any]:
+def properties(
+    repmgr: dict[str, Any] | None = None,
+    replication: dict[str, Any] | None = None,
+    passwords: tuple[str, str] = (ADMIN_PASSWORD, REPLICATION_PASSWORD),
+) -> dict[str, Any]:
     return {
         "postgres": {
             "major_version": 15,
@@ -66,8 +70,8 @@ def properties(repmgr: dict[str, Any] | None = None, replication: dict[str, Any]
             "parameters": {"shared_buffers": "16MB", "max_connections": "40"},
             "replication": replication or {"mode": "async"},
             "admin_user": ADMIN_USER,
-            "admin_password": ADMIN_PASSWORD,
-            "replication_password": REPLICATION_PASSWORD,
+            "admin_password": passwords[0],
+            "replication_password": passwords[1],
             "databases": [{"name": "app"}],
         },
         "repmgr": {
@@ -93,6 +97,7 @@ class Node:
     peers: list[dict[str, Any]] = field(default_factory=list)
     repmgr: dict[str, Any] = field(default_factory=dict)
     replication: dict[str, Any] = field(default_factory=dict)
+    passwords: tuple[str, str] = (ADMIN_PASSWORD, REPLICATION_PASSWORD)  # admin, replication
 
     @property
     def vm_dir(self) -> Path:
@@ -121,7 +126,7 @@ class Node:
             "persistent_disk": str(self.disk),
             "run_as": "postgres",
             "peers": self.peers,
-            "jobs": [{"name": "postgres", "properties": properties(self.repmgr, self.replication)}],
+            "jobs": [{"name": "postgres", "properties": properties(self.repmgr, self.replication, self.passwords)}],
         }
 
     def start_agent(self) -> None:
@@ -178,7 +183,7 @@ class Node:
             host=self.address,
             port=PORT,
             user=ADMIN_USER,
-            password=ADMIN_PASSWORD,
+            password=self.passwords[0],
             dbname=dbname,
             connect_timeout=3,
             autocommit=True,
