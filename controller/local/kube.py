@@ -450,6 +450,8 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
                 self._forget(request)
 
     def _forget(self, request: rendering.Request) -> None:
+        if request.action in (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE):
+            self._forget_history(request)
         lists: list[list[rendering.Request]] = [self._requests]
         lists += [payload._requests for payload in self._payloads]
         for served in lists:
@@ -457,6 +459,26 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
                 if served[i] is request:
                     del served[i]
                     break
+
+    def _forget_history(self, request: rendering.Request) -> None:
+        """kmock keeps every version of an object (a deep copy per write): a cluster's status,
+        written every resync, would grow the API by megabytes a day. A long-running API keeps
+        the current version (and the deletion mark of a deleted object) only."""
+        name = request.name
+        if name is None and isinstance(request.data, dict):
+            name = (request.data.get("metadata") or {}).get("name")
+        obj = self._stored(request, name) if name is not None else None
+        if obj is None:
+            return
+        history = obj.history  # trimmed in place: the versions kept are not copied
+        last = max((i for i, version in enumerate(history) if version is not None), default=None)
+        if last is None:
+            return
+        if history[-1] is None:  # deleted: its last version, then the deletion mark
+            del history[last + 1 : -1]
+        else:
+            del history[last + 1 :]
+        del history[:last]
 
     # --- reads --------------------------------------------------------------------------------
 

@@ -155,3 +155,31 @@ async def test_a_long_running_api_does_not_keep_refusals(forget: bool) -> None:
                 await client.get(f"{PATH}/nope")
         assert len(api.errors) == (0 if forget else 5)
         assert len(api._requests) == (0 if forget else 5)
+
+
+@pytest.mark.parametrize("forget", [True, False])
+async def test_a_long_running_api_keeps_only_current_versions(forget: bool) -> None:
+    """kmock keeps a deep copy of every version of every object; a long-running API
+    (forget_served_requests) keeps the current one, and a deleted object's last version
+    and deletion mark, so status writes every resync do not grow it."""
+    from controller.local.kube import _PGC, serve
+
+    async with serve(forget_served_requests=forget) as (api, url), KubeClient(url) as client:
+        await client.create(PATH, cluster("kept"))
+        for n in range(20):
+            await client.merge_patch(f"{PATH}/kept/status", {"status": {"readyInstances": n % 4}})
+        await client.merge_patch(f"{PATH}/kept", {"spec": {"instances": 5}})
+        history = api.objects[_PGC, "default", "kept"].history
+        assert len(history) == (1 if forget else 22)
+        got = await client.get(f"{PATH}/kept")
+        assert got["spec"]["instances"] == 5 and got["status"]["readyInstances"] == 3
+        assert got["metadata"]["generation"] == 2
+        await client.create(PATH, cluster("gone"))
+        await client.merge_patch(f"{PATH}/gone/status", {"status": {"readyInstances": 1}})
+        await client.delete(f"{PATH}/gone")
+        history = api.objects[_PGC, "default", "gone"].history
+        assert len(history) == (2 if forget else 3) and history[-1] is None
+        with pytest.raises(NotFound):
+            await client.get(f"{PATH}/gone")
+        await client.create(PATH, cluster("gone"))  # a name can be used again
+        assert (await client.get(f"{PATH}/gone"))["metadata"]["generation"] == 1
