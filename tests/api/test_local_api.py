@@ -183,3 +183,12 @@ async def test_a_long_running_api_keeps_only_current_versions(forget: bool) -> N
             await client.get(f"{PATH}/gone")
         await client.create(PATH, cluster("gone"))  # a name can be used again
         assert (await client.get(f"{PATH}/gone"))["metadata"]["generation"] == 1
+
+
+async def test_a_body_that_is_not_text_is_answered_as_kmock_answers_it(kube_api) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=kube_api[1]) as http:
+        answer = await http.post(PATH, content=b"\xff\xfe\xfa", headers={"Content-Type": "application/json"})
+        assert answer.status_code == 500 and answer.json()["kind"] == "Status"
+        assert (await http.get(f"{PATH}")).status_code == 200  # and the API goes on
