@@ -14,8 +14,9 @@ import copy
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import cel
 import fastjsonschema
@@ -54,6 +55,7 @@ def _cel_compare_to(left: Any, right: Any) -> int:
     return (a > b) - (a < b)
 
 
+T = TypeVar("T")
 _CEL_FUNCTIONS: dict[str, Any] = {"quantity": _cel_quantity, "compareTo": _cel_compare_to}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PROGRAMS: dict[str, Any] = {}
@@ -101,14 +103,28 @@ class _Node:
     children: tuple[tuple[str, _Node], ...]
 
 
-_NODES: dict[int, tuple[dict[str, Any], _Node | None]] = {}  # by id(schema node); the node kept alive
+_PER_NODE: dict[tuple[str, int], tuple[dict[str, Any], Any]] = {}  # the schema node kept alive
 
 
+def _per_node(build: Callable[[dict[str, Any]], T]) -> Callable[[dict[str, Any]], T]:
+    """What `build` derives from a schema node, derived once per node (schemas are not hashable:
+    they are kept by identity, and alive, with the result)."""
+
+    @functools.wraps(build)
+    def cached(schema: dict[str, Any]) -> T:
+        key = (build.__name__, id(schema))
+        hit = _PER_NODE.get(key)
+        if hit is None or hit[0] is not schema:
+            hit = _PER_NODE[key] = (schema, build(schema))
+        result: T = hit[1]
+        return result
+
+    return cached
+
+
+@_per_node
 def _node(schema: dict[str, Any]) -> _Node | None:
     """The rules of this node and of the nodes below it (None: no rule anywhere below)."""
-    cached = _NODES.get(id(schema))
-    if cached is not None and cached[0] is schema:
-        return cached[1]
     rules = tuple(
         _Rule(
             text=rule["rule"],
@@ -141,9 +157,7 @@ def _node(schema: dict[str, Any]) -> _Node | None:
         functions[transition] = {
             name: fn for name, fn in _CEL_FUNCTIONS.items() if any(f"{name}(" in r.text for r in group)
         }
-    node = _Node(rules, reads, functions, tuple(children)) if rules or children else None
-    _NODES[id(schema)] = (schema, node)
-    return node
+    return _Node(rules, reads, functions, tuple(children)) if rules or children else None
 
 
 _OUTCOMES: dict[str, dict[str, bool | str]] = {}  # memo of _outcomes, by node and variables
@@ -189,21 +203,14 @@ def _outcomes(node: _Node, transition: bool, activation: dict[str, Any]) -> dict
     return outcomes
 
 
-_DEFAULTED: dict[int, tuple[dict[str, Any], bool]] = {}  # by id(schema node); the node kept alive
-
-
+@_per_node
 def _has_defaults(schema: dict[str, Any]) -> bool:
     """Whether defaulting can change a value of this schema node (a default at or below it)."""
-    cached = _DEFAULTED.get(id(schema))
-    if cached is not None and cached[0] is schema:
-        return cached[1]
     below = [*schema.get("properties", {}).values()]
     for key in ("items", "additionalProperties"):
         if isinstance(schema.get(key), dict):
             below.append(schema[key])
-    found = any("default" in sub or _has_defaults(sub) for sub in below)
-    _DEFAULTED[id(schema)] = (schema, found)
-    return found
+    return any("default" in sub or _has_defaults(sub) for sub in below)
 
 
 def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
