@@ -16,6 +16,7 @@ import asyncio
 import base64
 import copy
 import fnmatch
+import functools
 import inspect
 import itertools
 import json
@@ -67,16 +68,14 @@ EVENT_COLUMNS: list[dict[str, Any]] = [
 ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete", "deletecollection"}
 
 
-_last_second: list[Any] = [None, ""]  # the second _now() last formatted, and its text
-
-
 def _now() -> str:
-    """RFC 3339 UTC to the second, as the API server writes timestamps (formatted once a second)."""
-    second = int(time.time())
-    if _last_second[0] != second:
-        _last_second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))]
-    text: str = _last_second[1]
-    return text
+    """RFC 3339 UTC to the second, as the API server writes timestamps."""
+    return _rfc3339(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)  # formatted once a second
+def _rfc3339(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -128,6 +127,7 @@ class _DirectRouting(k8s.KubernetesScaffold):
     __slots__ = ()  # the state lives in LocalKubernetes (kmock's classes are slotted)
     _routes: list[tuple[Any, Any]]
     _builtin_payloads: int
+    forget_served_requests: bool
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         """Serve one HTTP request. kmock builds a new resource object for every request it
@@ -149,12 +149,9 @@ class _DirectRouting(k8s.KubernetesScaffold):
         except Exception as exc:
             if not self._errors:  # outside `async with`: kmock raises too
                 raise
-            if not self._forgets():  # kept for tests' assertions, as kmock keeps them
+            if not self.forget_served_requests:  # kept for tests' assertions, as kmock keeps them
                 self._errors[-1].append(exc)
             return await self._render_error(exc)
-
-    def _forgets(self) -> bool:
-        return False
 
     def _routing_table(self) -> list[tuple[Any, Any]]:
         """Called once the emulator's own reactions are registered: kmock's order (highest
@@ -304,9 +301,6 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
             self.add_namespace(namespace)
         self._routes = self._routing_table()
         self._builtin_payloads = len(self._payloads)
-
-    def _forgets(self) -> bool:
-        return self.forget_served_requests
 
     def add_namespace(self, name: str) -> None:
         # kmock 0.8 parses POST /api/v1/namespaces as a namespaced path, so namespaces are seeded here.
@@ -467,10 +461,7 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         """kmock keeps every version of an object (a deep copy per write): a cluster's status,
         written every resync, would grow the API by megabytes a day. A long-running API keeps
         the current version (and the deletion mark of a deleted object) only."""
-        name = request.name
-        if name is None and isinstance(request.data, dict):
-            name = (request.data.get("metadata") or {}).get("name")
-        obj = self._stored(request, name) if name is not None else None
+        obj = self._stored(request)
         if obj is None:
             return
         history = obj.history  # trimmed in place: the versions kept are not copied
@@ -554,12 +545,11 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
 
     # kmock finds the object of a request by scanning every stored object (events included),
     # which grows with the cluster; a named request finds it by its key instead.
-    def _stored(self, request: rendering.Request, name: str | None = None) -> Any:
+    def _stored(self, request: rendering.Request) -> Any:
+        name = _object_name(request)
         namespace = request.namespace
-        if name is None:
-            name = request.name
-        elif namespace is None and isinstance(request.data, dict):
-            namespace = (request.data.get("metadata") or {}).get("namespace")
+        if namespace is None and request.name is None and isinstance(request.data, dict):
+            namespace = (request.data.get("metadata") or {}).get("namespace")  # a create's body
         if request.resource is None or name is None:
             return None
         store = self.objects._objects
@@ -571,7 +561,7 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         return obj
 
     async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
-        obj = self._stored(request, (request.data.get("metadata") or {}).get("name"))
+        obj = self._stored(request)
         return obj.raw if obj is not None else await super()._serve_create(request)
 
     async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
@@ -647,12 +637,18 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         }
 
 
+def _object_name(request: rendering.Request) -> str | None:
+    """The name of the object a request is about: in its path, or in a create's body."""
+    if request.name is not None or request.action != enums.action.CREATE or not isinstance(request.data, dict):
+        return request.name
+    name = (request.data.get("metadata") or {}).get("name")
+    return name if isinstance(name, str) else None
+
+
 def _object_error(request: rendering.Request, status: int, reason: str, what: str) -> k8s.KubernetesError:
     """The API server's Status for a missing or existing object, e.g. 404 NotFound with
     `postgresclusters.pgbosh.dev "orders" not found` (kmock's own words name kmock)."""
-    name = request.name
-    if name is None and isinstance(request.data, dict):
-        name = (request.data.get("metadata") or {}).get("name")
+    name = _object_name(request)
     group = request.resource.group if request.resource is not None else ""
     plural = request.resource.plural if request.resource is not None else ""
     qualified = f"{plural}.{group}" if group else str(plural)
