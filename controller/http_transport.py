@@ -23,7 +23,35 @@ DEFAULT_MAX_CONNECTIONS = 10
 KEEPALIVE_EXPIRY = 5.0
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
+class _PooledTransport(httpx.AsyncBaseTransport):
+    """What both transports are given: httpx's TLS setting, a bound on connections and how
+    long an idle one is kept."""
+
+    def __init__(
+        self,
+        *,
+        verify: bool | ssl.SSLContext = True,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        keepalive_expiry: float = KEEPALIVE_EXPIRY,
+    ) -> None:
+        self._verify = verify
+        self._tls: ssl.SSLContext | None = verify if isinstance(verify, ssl.SSLContext) else None
+        self._max_connections = max_connections
+        self._keepalive_expiry = keepalive_expiry
+        self._init_pool()
+
+    def _init_pool(self) -> None:
+        """The transport's own state, empty."""
+
+    def _context(self) -> ssl.SSLContext:
+        # The same TLS settings httpx would use (its CA bundle when verify is True; no
+        # verification when False), made on first use: loading the CA bundle costs ~0.1 s.
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context(verify=bool(self._verify))
+        return self._tls
+
+
+class AiohttpTransport(_PooledTransport):
     """An httpx transport on aiohttp's connection pool.
 
     httpcore's pool re-examines every connection for every queued request (and asks
@@ -35,19 +63,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     Environment proxies are not used (as with any custom httpx transport).
     """
 
-    def __init__(
-        self,
-        *,
-        verify: bool | ssl.SSLContext = True,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        keepalive_expiry: float = KEEPALIVE_EXPIRY,
-    ) -> None:
-        # The same TLS settings httpx would use (its CA bundle when verify is True).
-        self._ssl: ssl.SSLContext | bool = (
-            verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify) if verify else False
-        )
-        self._max_connections = max_connections
-        self._keepalive_expiry = keepalive_expiry
+    def _init_pool(self) -> None:
         self._session: aiohttp.ClientSession | None = None
         # One ClientTimeout per distinct httpx timeout (a client uses one or two).
         self._timeouts: dict[tuple[float | None, float | None, float | None], aiohttp.ClientTimeout] = {}
@@ -61,7 +77,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 limit=self._max_connections,
                 limit_per_host=self._max_connections,
                 keepalive_timeout=self._keepalive_expiry,
-                ssl=self._ssl,
+                ssl=self._context(),
             ),
             # httpx sets every header (aiohttp adds only missing ones) and decodes the body itself.
             auto_decompress=False,
@@ -151,7 +167,7 @@ class _Connection:
         self.writer.close()
 
 
-class StreamTransport(httpx.AsyncBaseTransport):
+class StreamTransport(_PooledTransport):
     """An httpx transport speaking HTTP/1.1 itself, on asyncio streams, for request/response
     APIs such as Kubernetes (``KubeClient(backend="streams")``, what ``pgbosh broker serve`` uses).
 
@@ -167,27 +183,11 @@ class StreamTransport(httpx.AsyncBaseTransport):
     proxy, no HTTP/2, no streaming.
     """
 
-    def __init__(
-        self,
-        *,
-        verify: bool | ssl.SSLContext = True,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        keepalive_expiry: float = KEEPALIVE_EXPIRY,
-    ) -> None:
-        self._verify = verify
-        self._tls: ssl.SSLContext | None = verify if isinstance(verify, ssl.SSLContext) else None
-        self._max_connections = max_connections
-        self._keepalive_expiry = keepalive_expiry
+    def _init_pool(self) -> None:
         self._slots: asyncio.Semaphore | None = None
         # Idle connections per (scheme, host, port), the most recently used last.
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._closed = False
-
-    def _context(self) -> ssl.SSLContext:
-        # Made on first https use (loading the CA bundle costs ~0.1 s): httpx's own settings.
-        if self._tls is None:
-            self._tls = httpx.create_ssl_context(verify=bool(self._verify))
-        return self._tls
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
