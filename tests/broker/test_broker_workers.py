@@ -51,6 +51,17 @@ async def stop(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
+async def fails_silently(*args: str, log: Path) -> None:
+    """`pgbosh broker serve ARGS` exits with 1 and announces nothing on stdout."""
+    process = await start(*args, log=log)
+    try:
+        stdout, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        await stop(process)
+    assert process.returncode == 1
+    assert stdout == b""
+
+
 async def wait_for(predicate: object, timeout: float = 30.0) -> None:
     assert callable(predicate)
     deadline = time.monotonic() + timeout
@@ -152,31 +163,19 @@ async def test_port_in_use_fails_clearly(tmp_path: Path, kubeconfig: Path, crede
         taken.listen()
         port = taken.getsockname()[1]
         log = tmp_path / "broker.log"
-        process = await start(
+        await fails_silently(
             "--listen", f"127.0.0.1:{port}", "--kubeconfig", str(kubeconfig),
             "--credentials-file", str(credentials), "--workers", "2", log=log,
         )  # fmt: skip
-        try:
-            stdout, _ = await asyncio.wait_for(process.communicate(), timeout=60)
-        finally:
-            await stop(process)
-    assert process.returncode == 1
-    assert stdout == b""
     assert f"pgbosh broker: cannot listen on 127.0.0.1:{port}: Address already in use" in log.read_text()
 
 
 async def test_worker_that_cannot_start_fails_the_command(tmp_path: Path, kubeconfig: Path) -> None:
     log = tmp_path / "broker.log"
-    process = await start(
+    await fails_silently(
         "--listen", "127.0.0.1:0", "--kubeconfig", str(kubeconfig),
         "--credentials-secret", "default/no-such-secret", "--workers", "2", log=log,
     )  # fmt: skip
-    try:
-        stdout, _ = await asyncio.wait_for(process.communicate(), timeout=60)
-    finally:
-        await stop(process)
-    assert process.returncode == 1
-    assert stdout == b""
     text = log.read_text()
     assert "pgbosh broker: worker 1: 404" in text
     assert "pgbosh broker: worker 1 (pid " in text and "could not start: it exited with code 1" in text
