@@ -20,6 +20,7 @@ from typing import Any, Literal, Self
 from urllib.parse import quote
 
 import httpx
+import orjson
 import yaml
 
 from controller.http_transport import DEFAULT_MAX_CONNECTIONS, AiohttpTransport, StreamTransport
@@ -61,6 +62,18 @@ class Invalid(KubeError):
 
 # Request bodies as httpx's ``json=`` encodes them (same bytes), without a new encoder a call.
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _json_body(body: Any) -> bytes:
+    """The bytes httpx's ``json=`` sends (compact UTF-8, NaN and infinities refused), by
+    orjson (~10 times faster) where it writes them the same: it writes NaN as null and
+    refuses integers beyond 64 bits, so a body with a null or such an integer is encoded
+    by the json module. (Floats in exponent form differ in spelling only: 1e-07, 1e-7.)"""
+    try:
+        data = orjson.dumps(body)
+    except TypeError:
+        return _JSON_ENCODER.encode(body).encode()
+    return _JSON_ENCODER.encode(body).encode() if b"null" in data else data
 # Parsed URLs kept per API path: a broker sends every provision to one collection URL and
 # polls the same objects; parsing one costs ~25 us (httpx validates every component).
 URL_CACHE_SIZE = 512
@@ -194,6 +207,11 @@ class KubeClient:
         # from the environment to a given transport). Such calls go straight to the
         # transport, still as httpx requests and responses. backend="httpcore" keeps send.
         self._direct = transport
+        # Below httpx's models: a StreamTransport takes the request as bytes and gives the
+        # answer as bytes (~0.1 ms of CPU a call less than building and reading httpx's
+        # request and response). The same bytes go on the wire (tested).
+        self._wire = transport if isinstance(transport, StreamTransport) else None
+        self._fields: dict[tuple[str | None, bytes], bytes] = {}
         self._urls: dict[str, httpx.URL] = {}
 
     @classmethod
@@ -281,11 +299,14 @@ class KubeClient:
         url = self._url(api_path)
         if params:
             url = url.copy_merge_params(params)
+        content = None if body is None else _json_body(body)
+        if self._wire is not None:
+            return await self._wire_request(method, api_path, url, content, content_type)
         request = httpx.Request(
             method,
             url,
             headers=self._headers_for(content_type if body is not None else None),
-            content=None if body is None else _JSON_ENCODER.encode(body).encode(),
+            content=content,
             extensions={"timeout": self._timeout},
         )
         try:
@@ -302,12 +323,51 @@ class KubeClient:
             raise KubeError(504, "Timeout", f"{method} {api_path} timed out") from exc
         except httpx.TransportError as exc:
             raise KubeError(503, "Unavailable", f"{method} {api_path}: {type(exc).__name__}") from exc
-        if response.is_success:
-            data = response.json() if response.content else {}
+        return self._answer(method, api_path, response.status_code, response.reason_phrase, response.content)
+
+    async def _wire_request(
+        self, method: str, api_path: str, url: httpx.URL, content: bytes | None, content_type: str
+    ) -> JSON:
+        assert self._wire is not None
+        fields = self._wire_fields(content_type if content is not None else None, url)
+        if content is not None:
+            fields += b"Content-Length: %d\r\n" % len(content)
+        try:
+            status, reason, headers, data = await self._wire.exchange(
+                method, url, fields, content or b"", self._timeout
+            )
+            if any(name.lower() == b"content-encoding" for name, _ in headers):
+                # Compressed (an API server gzips large lists): httpx's decoders, as on the other paths.
+                data = httpx.Response(status, headers=headers, stream=httpx.ByteStream(data)).read()
+        except httpx.TimeoutException as exc:
+            raise KubeError(504, "Timeout", f"{method} {api_path} timed out") from exc
+        except httpx.TransportError as exc:
+            raise KubeError(503, "Unavailable", f"{method} {api_path}: {type(exc).__name__}") from exc
+        except httpx.DecodingError as exc:
+            raise KubeError(502, "BadResponse", f"{method} {api_path}: {exc}") from exc
+        return self._answer(method, api_path, status, reason.decode("latin-1"), data)
+
+    def _answer(self, method: str, api_path: str, status: int, reason: str, content: bytes) -> JSON:
+        if 200 <= status < 300:
+            # orjson: a Kubernetes object's JSON read ~3 times faster than by the json module.
+            data = orjson.loads(content) if content else {}
             return data if isinstance(data, dict) else {"items": data}
-        reason, message = _status_of(response)
-        log.debug("kubernetes %s %s -> %s %s", method, api_path, response.status_code, reason)
-        raise _error_class(response.status_code)(response.status_code, reason, message)
+        reason, message = _status_of(status, reason, content)
+        log.debug("kubernetes %s %s -> %s %s", method, api_path, status, reason)
+        raise _error_class(status)(status, reason, message)
+
+    def _wire_fields(self, content_type: str | None, url: httpx.URL) -> bytes:
+        """The header lines httpx would send for a request to ``url`` (Host first, then the
+        client's headers and the Content-Type), made once per server and content type."""
+        key = (content_type, url.netloc)
+        fields = self._fields.get(key)
+        if fields is None:
+            raw = httpx.Request("GET", url, headers=self._headers_for(content_type)).headers.raw
+            fields = b"".join([b"%s: %s\r\n" % pair for pair in raw])
+            if fields.count(b"\n") != len(raw) or fields.count(b"\r") != len(raw):
+                raise ValueError("a Kubernetes client header holds a line break")
+            self._fields[key] = fields
+        return fields
 
     def _headers_for(self, content_type: str | None) -> httpx.Headers:
         headers = self._headers.get(content_type)
@@ -437,11 +497,12 @@ def _load_client_cert(context: ssl.SSLContext, user: Mapping[str, Any]) -> None:
             context.load_cert_chain(str(cert), str(key))
 
 
-def _status_of(response: httpx.Response) -> tuple[str, str]:
+def _status_of(status: int, reason: str, content: bytes) -> tuple[str, str]:
+    """The reason and message of a failed call, from the API's Status body."""
     try:
-        data = response.json()
+        data = json.loads(content)
     except ValueError:
-        return response.reason_phrase or "Error", response.text[:200]
+        return reason or "Error", content.decode("utf-8", "replace")[:200]
     if not isinstance(data, dict):
-        return response.reason_phrase or "Error", ""
-    return str(data.get("reason") or response.reason_phrase or "Error"), str(data.get("message") or "")
+        return reason or "Error", ""
+    return str(data.get("reason") or reason or "Error"), str(data.get("message") or "")

@@ -13,7 +13,7 @@ import httpx
 import kmock
 import pytest
 
-from controller.kube import Conflict, KubeClient, KubeError, NotFound, core_path, resource_path
+from controller.kube import Conflict, KubeClient, KubeError, NotFound, client, core_path, resource_path
 from controller.kube.client import DEFAULT_TIMEOUT
 
 CLUSTERS = "pgbosh.dev/v1alpha1/postgresclusters"
@@ -206,6 +206,19 @@ async def test_requests_are_what_httpx_builds(token: str | None) -> None:
     assert wire.sent[1::2] == reference.sent
     # Given a cookie with every answer, KubeClient sends none back.
     assert all(b"cookie" not in dict(headers) for _, _, headers, _, _ in wire.sent)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"metadata": {"name": "é-ü", "labels": {"a": "b"}}, "spec": {"instances": 3, "ok": True, "ratio": 0.25}},
+        {"metadata": {"labels": {"gone": None}}, "items": [1, "x", None]},  # nulls: the json module's bytes
+        {"big": 2**70, "list": [[], {}]},  # beyond 64 bits: the json module's bytes
+        ["ü\u2028", 1.5],
+    ],
+)
+def test_bodies_are_the_bytes_httpx_json_sends(body: Any) -> None:
+    assert client._json_body(body) == httpx.Request("POST", "http://x", json=body).content
 
 
 async def test_no_nan_in_bodies(kube: KubeClient) -> None:
