@@ -1,4 +1,4 @@
-"""The OSB v2.17 HTTP surface on aiohttp: auth, headers, routing, error bodies.
+"""The OSB v2.17 HTTP surface (on ``controller.http_server``): auth, headers, routing, error bodies.
 
 ``BrokerServer`` runs in-process (tests, ``pgbosh dev``) on any port, port 0
 picking a free one::
@@ -16,16 +16,15 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import yaml
-from aiohttp import web
 
 from controller.broker.errors import BrokerError
 from controller.broker.service import Answer, Broker
+from controller.http_server import Handler, HttpError, HttpServer, Request, Response, Router, error_response
 from controller.kube import KubeClient, KubeError
 
 log = logging.getLogger(__name__)
@@ -33,12 +32,13 @@ log = logging.getLogger(__name__)
 API_VERSION_HEADER = "X-Broker-API-Version"
 REQUEST_IDENTITY_HEADER = "X-Broker-API-Request-Identity"
 ORIGINATING_IDENTITY_HEADER = "X-Broker-API-Originating-Identity"
+# The same, as the HTTP server's request headers are keyed (lower case).
+_API_VERSION, _REQUEST_IDENTITY, _ORIGINATING_IDENTITY = (
+    name.lower() for name in (API_VERSION_HEADER, REQUEST_IDENTITY_HEADER, ORIGINATING_IDENTITY_HEADER)
+)
 # The semantics implemented are v2.17's; older 2.x platforms send a subset of its fields.
 MIN_MINOR_VERSION = 13
 MAX_MINOR_VERSION = 17
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @dataclass(frozen=True)
 class BasicCredentials:
@@ -87,8 +87,8 @@ class BasicCredentials:
         return cls(data["username"], data["password"])
 
 
-def _error(status: int, error: str, description: str) -> web.Response:
-    return web.json_response({"error": error, "description": description}, status=status)
+def _error(status: int, error: str, description: str) -> Response:
+    return Response.json({"error": error, "description": description}, status)
 
 
 def _originating_identity(header: str | None) -> str:
@@ -112,6 +112,10 @@ def _decode_identity(header: str) -> str:
     return f"{platform} {user}"
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _version_supported(header: str | None) -> bool:
     if not header:
         return False
@@ -119,29 +123,31 @@ def _version_supported(header: str | None) -> bool:
     return major == "2" and minor.isdigit() and MIN_MINOR_VERSION <= int(minor) <= MAX_MINOR_VERSION
 
 
-def build_app(broker: Broker, credentials: BasicCredentials) -> web.Application:
-    @web.middleware
-    async def protocol(request: web.Request, handler: Handler) -> web.StreamResponse:
+def build_app(broker: Broker, credentials: BasicCredentials) -> Handler:
+    """The broker's HTTP handler: credentials, API version, routing, errors, the log line."""
+
+    async def protocol(request: Request) -> Response:
         started = time.perf_counter()
-        identity = request.headers.get(REQUEST_IDENTITY_HEADER)
-        response: web.StreamResponse
-        if not credentials.matches(request.headers.get("Authorization")):
+        headers = request.headers
+        identity = headers.get(_REQUEST_IDENTITY)
+        response: Response
+        if not credentials.matches(headers.get("authorization")):
             response = _error(401, "Unauthorized", "missing or wrong broker credentials")
-            response.headers["WWW-Authenticate"] = 'Basic realm="pgbosh"'
-        elif not _version_supported(request.headers.get(API_VERSION_HEADER)):
+            response.headers.append(("WWW-Authenticate", 'Basic realm="pgbosh"'))
+        elif not _version_supported(headers.get(_API_VERSION)):
             response = _error(
                 412,
                 "PreconditionFailed",
                 f"{API_VERSION_HEADER} must be 2.{MIN_MINOR_VERSION} to 2.{MAX_MINOR_VERSION}"
-                f" (got {request.headers.get(API_VERSION_HEADER) or 'none'})",
+                f" (got {headers.get(_API_VERSION) or 'none'})",
             )
         else:
             try:
-                response = await handler(request)
-            except web.HTTPException as exc:
-                response = _error(exc.status, exc.reason, exc.text or exc.reason)
+                response = await router.resolve(request)(request)
+            except HttpError as exc:
+                response = error_response(exc)
             except BrokerError as exc:
-                response = web.json_response(exc.document(), status=exc.status)
+                response = Response.json(exc.document(), exc.status)
             except KubeError as exc:
                 log.warning("kubernetes error on %s %s: %s", request.method, request.path, exc)
                 response = _error(
@@ -151,7 +157,7 @@ def build_app(broker: Broker, credentials: BasicCredentials) -> web.Application:
                 log.exception("internal error on %s %s", request.method, request.path)
                 response = _error(500, "InternalError", "the broker failed; see its log")
         if identity:
-            response.headers[REQUEST_IDENTITY_HEADER] = identity
+            response.headers.append((REQUEST_IDENTITY_HEADER, identity))
         # The one line per request above debug: who asked for what (issue 6), never a password.
         if log.isEnabledFor(logging.INFO):
             log.info(
@@ -160,39 +166,40 @@ def build_app(broker: Broker, credentials: BasicCredentials) -> web.Application:
                 request.path,
                 response.status,
                 (time.perf_counter() - started) * 1000,
-                _originating_identity(request.headers.get(ORIGINATING_IDENTITY_HEADER)),
+                _originating_identity(headers.get(_ORIGINATING_IDENTITY)),
                 identity or "-",
             )
         return response
 
-    async def body_of(request: web.Request) -> Any:
-        if not request.can_read_body:
+    def body_of(request: Request) -> Any:
+        if not request.body:
             return {}
         try:
             # From bytes: json detects the UTF encoding itself; bad UTF-8 is a ValueError too.
-            return json.loads(await request.read())
+            # NaN and Infinity are not JSON (RFC 8259), though Python's json reads them.
+            return json.loads(request.body, parse_constant=_not_json)
         except ValueError:
             raise BrokerError(400, "BadRequest", "the request body is not valid JSON") from None
 
-    def answer(result: Answer) -> web.Response:
+    def answer(result: Answer) -> Response:
         status, body = result
-        return web.json_response(body, status=status)
+        return Response.json(body, status)
 
-    def accepts_incomplete(request: web.Request) -> bool:
+    def accepts_incomplete(request: Request) -> bool:
         return request.query.get("accepts_incomplete", "").lower() == "true"
 
-    async def catalog(request: web.Request) -> web.Response:
+    async def catalog(request: Request) -> Response:
         return answer(broker.catalog())
 
-    async def provision(request: web.Request) -> web.Response:
-        body = await body_of(request)
+    async def provision(request: Request) -> Response:
+        body = body_of(request)
         return answer(await broker.provision(request.match_info["instance_id"], body, accepts_incomplete(request)))
 
-    async def update(request: web.Request) -> web.Response:
-        body = await body_of(request)
+    async def update(request: Request) -> Response:
+        body = body_of(request)
         return answer(await broker.update(request.match_info["instance_id"], body, accepts_incomplete(request)))
 
-    async def deprovision(request: web.Request) -> web.Response:
+    async def deprovision(request: Request) -> Response:
         return answer(
             await broker.deprovision(
                 request.match_info["instance_id"],
@@ -202,24 +209,24 @@ def build_app(broker: Broker, credentials: BasicCredentials) -> web.Application:
             )
         )
 
-    async def fetch_instance(request: web.Request) -> web.Response:
+    async def fetch_instance(request: Request) -> Response:
         return answer(await broker.fetch_instance(request.match_info["instance_id"]))
 
-    async def last_operation(request: web.Request) -> web.Response:
+    async def last_operation(request: Request) -> Response:
         status, body = await broker.last_operation(request.match_info["instance_id"], request.query.get("operation"))
-        response = web.json_response(body, status=status)
+        response = Response.json(body, status)
         if body.get("state") == "in progress":
-            response.headers["Retry-After"] = str(broker.config.retry_after)
+            response.headers.append(("Retry-After", str(broker.config.retry_after)))
         return response
 
-    async def bind(request: web.Request) -> web.Response:
-        body = await body_of(request)
+    async def bind(request: Request) -> Response:
+        body = body_of(request)
         return answer(await broker.bind(request.match_info["instance_id"], request.match_info["binding_id"], body))
 
-    async def fetch_binding(request: web.Request) -> web.Response:
+    async def fetch_binding(request: Request) -> Response:
         return answer(await broker.fetch_binding(request.match_info["instance_id"], request.match_info["binding_id"]))
 
-    async def unbind(request: web.Request) -> web.Response:
+    async def unbind(request: Request) -> Response:
         return answer(
             await broker.unbind(
                 request.match_info["instance_id"],
@@ -229,19 +236,19 @@ def build_app(broker: Broker, credentials: BasicCredentials) -> web.Application:
             )
         )
 
-    app = web.Application(middlewares=[protocol])
+    router = Router()
     instance = "/v2/service_instances/{instance_id}"
     binding = instance + "/service_bindings/{binding_id}"
-    app.router.add_get("/v2/catalog", catalog)
-    app.router.add_put(instance, provision)
-    app.router.add_patch(instance, update)
-    app.router.add_delete(instance, deprovision)
-    app.router.add_get(instance, fetch_instance)
-    app.router.add_get(instance + "/last_operation", last_operation)
-    app.router.add_put(binding, bind)
-    app.router.add_get(binding, fetch_binding)
-    app.router.add_delete(binding, unbind)
-    return app
+    router.add("GET", "/v2/catalog", catalog)
+    router.add("PUT", instance, provision)
+    router.add("PATCH", instance, update)
+    router.add("DELETE", instance, deprovision)
+    router.add("GET", instance, fetch_instance)
+    router.add("GET", instance + "/last_operation", last_operation)
+    router.add("PUT", binding, bind)
+    router.add("GET", binding, fetch_binding)
+    router.add("DELETE", binding, unbind)
+    return protocol
 
 
 class BrokerServer:
@@ -263,34 +270,22 @@ class BrokerServer:
         self.host = host
         self._port = port
         self._reuse_port = reuse_port
-        self.app = build_app(broker, credentials)
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._http = HttpServer(build_app(broker, credentials))
 
     @property
     def port(self) -> int:
-        if self._site is not None and self._site._server is not None:
-            sockets = getattr(self._site._server, "sockets", None) or []
-            if sockets:
-                return int(sockets[0].getsockname()[1])
-        return self._port
+        return self._http.port or self._port
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self._port, reuse_port=self._reuse_port or None)
-        await self._site.start()
+        await self._http.start(self.host, self._port, reuse_port=self._reuse_port)
         log.info("broker listening on %s", self.url)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        self._runner = None
-        self._site = None
+        await self._http.stop()
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -19,7 +19,6 @@ import fnmatch
 import functools
 import inspect
 import itertools
-import json
 import re
 import time
 import uuid
@@ -31,10 +30,12 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
+import orjson
 from kmock._internal import dsl, enums, filtering, k8s, parsing, references, rendering
 
 from controller.api import crd, models
 from controller.api.validation import Invalid, admit, admit_status
+from controller.http_server import json_bytes
 
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 PGC_RESOURCE = f"{models.GROUP}/{models.VERSION}/{models.PLURAL}"
@@ -186,7 +187,7 @@ class _DirectRouting(k8s.KubernetesScaffold):
                         payload._requests.append(request)
                         result = await handler(request)
                         if isinstance(result, dict):
-                            return aiohttp.web.json_response(result)
+                            return aiohttp.web.Response(body=json_bytes(result), content_type="application/json")
                         rendered: aiohttp.web.StreamResponse = await payload.response._render(request, result)
                         return rendered
                     try:
@@ -209,7 +210,8 @@ async def _parse_request(raw: aiohttp.web.BaseRequest, *, id: int) -> rendering.
     body = await raw.read()
     text = await raw.text()
     try:
-        data = json.loads(text)
+        # orjson: strict RFC 8259 JSON (as the API server reads it), ~3 times the json module's speed.
+        data = orjson.loads(body)
     except ValueError:  # as kmock: not JSON, then a form if it is one (an empty one: None)
         try:
             data = await raw.post() or None

@@ -172,15 +172,18 @@ async def test_provision_bad_request(world: World, change: dict[str, object], re
     await assert_no_cluster(world)
 
 
-async def test_provision_body_not_json(world: World) -> None:
+@pytest.mark.parametrize("content", [b"{not json", b'{"parameters": {"x": NaN}}', b'{"a": -Infinity}'])
+async def test_provision_body_not_json(world: World, content: bytes) -> None:
+    # NaN and Infinity: Python's json reads them, RFC 8259 does not have them.
     response = await world.http.put(
         f"/v2/service_instances/{INSTANCE}",
         params=ASYNC,
-        content=b"{not json",
+        content=content,
         headers={"Content-Type": "application/json"},
     )
     assert response.status_code == 400
     assert response.json() == {"error": "BadRequest", "description": "the request body is not valid JSON"}
+    await assert_no_cluster(world)
 
 
 @pytest.mark.parametrize(
