@@ -201,6 +201,7 @@ class _DirectRouting(k8s.KubernetesScaffold):
 
 
 _RESOURCES: dict[tuple[str, str | None, str | None], references.resource] = {}
+_METHODS = {method.value: method for method in enums.method}
 
 
 async def _parse_request(raw: aiohttp.web.BaseRequest, *, id: int) -> rendering.Request:
@@ -226,7 +227,7 @@ async def _parse_request(raw: aiohttp.web.BaseRequest, *, id: int) -> rendering.
             resource = references.resource(group=path.group, version=path.version, plural=path.plural)
             if len(_RESOURCES) < 1024:  # spellings come from clients: keep a bounded set
                 _RESOURCES[key] = resource
-    method = enums.method(raw.method)
+    method = _METHODS.get(raw.method) or enums.method(raw.method)  # the enum's own lookup: ~5 us
     query = dict(raw.query)
     return rendering.Request(
         id=id,
