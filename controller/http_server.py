@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 import orjson
@@ -239,8 +239,8 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A TCP transport (uvloop's are not asyncio.Transport subclasses, but have its methods).
+        self._transport = cast(asyncio.Transport, transport)
         self._server._connections.add(self)
         self.deadline = self._loop.time() + self._server.keepalive_timeout
 
