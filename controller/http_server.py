@@ -461,9 +461,12 @@ class _Connection(asyncio.Protocol):
         status = response.status
         head = [b"HTTP/1.1 %d %s\r\nDate: %s\r\nServer: pgbosh\r\n" % (
             status, _REASONS.get(status, "Unknown").encode(), _date())]  # fmt: skip
-        if response.content_type is not None:
-            head.append(b"Content-Type: %s\r\n" % response.content_type.encode("latin-1"))
-        head.append(b"Content-Length: %d\r\n" % len(body))
+        if status == 204 or status == 304:  # no content, and no Content-Length (RFC 9110 8.6)
+            body = b""
+        else:
+            if response.content_type is not None:
+                head.append(b"Content-Type: %s\r\n" % response.content_type.encode("latin-1"))
+            head.append(b"Content-Length: %d\r\n" % len(body))
         for name, value in response.headers:
             head.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
         if close:

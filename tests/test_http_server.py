@@ -35,6 +35,7 @@ class App:
         self.router.add("GET", "/slow", self.slow)
         self.router.add("GET", "/boom", self.boom)
         self.router.add("POST", "/json", self.json)
+        self.router.add("DELETE", "/empty", self.nothing)
 
     async def __call__(self, request: Request) -> Response:
         return await self.router.resolve(request)(request)
@@ -59,6 +60,9 @@ class App:
 
     async def json(self, request: Request) -> Response:
         return Response.json({"got": json.loads(request.body)})
+
+    async def nothing(self, request: Request) -> Response:
+        return Response(204, b"ignored")
 
     async def boom(self, request: Request) -> Response:
         raise RuntimeError("secret-detail")
@@ -360,6 +364,16 @@ async def test_answers_are_ascii_json_even_with_a_lone_surrogate(served: tuple[A
     wire.send(b"POST /json HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     status, _, answer = await wire.answer()
     assert status == 200 and answer == b'{"got":{"name":"\\ud800-caf\\u00e9"}}'
+    wire.close()
+
+
+async def test_no_content_has_no_body_and_no_length(served: tuple[App, HttpServer]) -> None:
+    _, server = served
+    wire = await Wire.open(server)
+    wire.send(b"DELETE /empty HTTP/1.1\r\nHost: t\r\n\r\n" + get("/echo/next"))
+    status, headers, body = await wire.answer()
+    assert status == 204 and body == b"" and "content-length" not in headers and "content-type" not in headers
+    assert json.loads((await wire.answer())[2])["name"] == "next"  # nothing stray in between
     wire.close()
 
 
