@@ -4,6 +4,7 @@ remembered by those fields, and neither changes what is accepted or refused."""
 from __future__ import annotations
 
 import copy
+import datetime
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,16 @@ def test_values_that_compare_equal_in_python_are_told_apart() -> None:
     for value, refused in [(1, False), (True, True), (1.0, True), (1, False)]:
         errors = validation._cel_errors(schema, {"v": value}, None, "")
         assert [str(e) for e in errors] == (["Invalid value: v must be an int"] if refused else []), value
+
+
+def test_memo_keys_tell_nan_null_and_dates_apart() -> None:
+    """orjson writes NaN as null and dates as strings; the memo's key must not."""
+    assert validation._key({"v": float("nan")}) != validation._key({"v": None})
+    assert validation._key({"b": 1, "a": [None, 1.0]}) == b'{"a":[null,1.0],"b":1}'
+    with pytest.raises(TypeError):
+        validation._key({"v": datetime.date(2026, 11, 26)})
+    with pytest.raises(TypeError):
+        validation._key({"v": datetime.datetime(2026, 11, 26, tzinfo=datetime.UTC)})
 
 
 def test_transition_rules_see_the_old_object() -> None:
