@@ -116,6 +116,10 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+# One decoder for all bodies (json.loads with an option builds a new one per call).
+_BODY_JSON = json.JSONDecoder(parse_constant=_not_json)
+
+
 def _version_supported(header: str | None) -> bool:
     if not header:
         return False
@@ -177,7 +181,8 @@ def build_app(broker: Broker, credentials: BasicCredentials) -> Handler:
         try:
             # From bytes: json detects the UTF encoding itself; bad UTF-8 is a ValueError too.
             # NaN and Infinity are not JSON (RFC 8259), though Python's json reads them.
-            return json.loads(request.body, parse_constant=_not_json)
+            body = request.body
+            return _BODY_JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
         except ValueError:
             raise BrokerError(400, "BadRequest", "the request body is not valid JSON") from None
 

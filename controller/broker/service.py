@@ -8,13 +8,13 @@ request runs before the first write, so a 4xx never leaves a change behind.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from controller.api.models import API_VERSION, GROUP, KIND, PLURAL, VERSION, PostgresClusterSpec
@@ -128,7 +128,7 @@ class Broker:
         self.kube = kube
         self.roles = roles
         # (plan id, parameters as JSON) -> the validated spec as JSON; see _new_spec.
-        self._spec_cache: dict[tuple[str, str], str] = {}
+        self._spec_cache: dict[tuple[str, str], bytes] = {}
         self._collection_of = ("", "")
 
     @property
@@ -200,11 +200,11 @@ class Broker:
         key = (plan.id, CANONICAL_JSON.encode(used))
         cached = self._spec_cache.get(key)
         if cached is None:
-            cached = json.dumps(self._spec({}, plan, used), separators=(",", ":"))
+            cached = orjson.dumps(self._spec({}, plan, used))
             if len(self._spec_cache) >= SPEC_CACHE_SIZE:
                 self._spec_cache.pop(next(iter(self._spec_cache)))
             self._spec_cache[key] = cached
-        spec: dict[str, Any] = json.loads(cached)
+        spec: dict[str, Any] = orjson.loads(cached)  # a fresh copy (~1 us; deepcopy ~10)
         return spec
 
     @staticmethod
