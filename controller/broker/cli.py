@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -177,10 +178,76 @@ def _serve_workers(
             sock.close()
 
 
+class _SecondsFormatter(logging.Formatter):
+    """logging's default line, with the date and time text made once a second, not per line."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime(self.default_time_format, self.converter(record.created))
+        msec_format = self.default_msec_format
+        return msec_format % (self._text, record.msecs) if msec_format else self._text
+
+
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Lines written once per turn of the event loop: a burst of 50 requests logs with one
+    write, not 50 (a write and flush per line cost ~30 us of a provision's ~0.5 ms). WARNING
+    and above, lines from outside the loop's thread or with no loop running, are written at
+    once; logging's shutdown at exit flushes the rest. Only a hard kill can lose lines, of the
+    last turn (milliseconds)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._pending.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self.flush()
+            return
+        if not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            if self._pending:
+                text = "".join(self._pending)
+                self._pending.clear()
+                try:
+                    self.stream.write(text)
+                except Exception:
+                    return
+            if self.stream and hasattr(self.stream, "flush"):
+                self.stream.flush()
+        finally:
+            self.release()
+
+
 def configure_logging(level: str, *, processes: int = 1) -> None:
     # Workers share stderr: each line says which process wrote it.
     process = " [%(process)d]" if processes > 1 else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{process} %(name)s: %(message)s")
+    handler = BatchingStreamHandler(sys.stderr)
+    handler.setFormatter(_SecondsFormatter(f"%(asctime)s %(levelname)s{process} %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # httpx logs every Kubernetes call at INFO; the broker's one line per request says enough.
     logging.getLogger("httpx").setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import signal
 import socket
 import sys
@@ -101,3 +103,62 @@ async def test_a_serving_broker_freezes_start_up_objects_and_collects_rarely() -
     assert code == 0
     assert seen["threshold"] == (cli.GC_YOUNG_THRESHOLD, *saved[1:])
     assert isinstance(seen["frozen"], int) and seen["frozen"] > 10_000
+
+
+class Recording(io.StringIO):
+    """A stream that records each write (a write is one syscall on a real stream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def batching_logger(stream: Recording) -> tuple[logging.Logger, cli.BatchingStreamHandler]:
+    handler = cli.BatchingStreamHandler(stream)
+    handler.setFormatter(cli._SecondsFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger(f"batching-test-{id(stream)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return logger, handler
+
+
+async def test_log_lines_of_one_loop_turn_are_written_at_once() -> None:
+    stream = Recording()
+    logger, _ = batching_logger(stream)
+    for n in range(50):  # a burst of requests answered in one turn of the loop
+        logger.info("request %d", n)
+    assert stream.writes == []  # nothing yet: the turn is not over
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(stream.writes) == 1 and stream.getvalue().count("\n") == 50
+    assert stream.getvalue().splitlines()[49].endswith("INFO " + logger.name + ": request 49")
+
+    logger.info("before a warning")
+    logger.warning("trouble")  # a warning is written at once, with what came before it
+    assert stream.getvalue().splitlines()[-2:][0].endswith("before a warning")
+    assert stream.getvalue().rstrip().endswith("WARNING " + logger.name + ": trouble")
+
+
+def test_log_lines_outside_a_loop_are_written_at_once() -> None:
+    stream = Recording()
+    logger, handler = batching_logger(stream)
+    logger.info("no loop here")
+    assert stream.writes and stream.getvalue().endswith(": no loop here\n")
+    # The formatter's cached time reads as logging's own.
+    record = logging.LogRecord("n", logging.INFO, "", 0, "m", None, None)
+    assert handler.formatter is not None
+    default = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    assert handler.formatter.format(record) == default.format(record)
+
+
+async def test_log_lines_pending_at_shutdown_are_flushed() -> None:
+    stream = Recording()
+    logger, handler = batching_logger(stream)
+    logger.info("last words")
+    handler.flush()  # what logging.shutdown() does at exit
+    assert stream.getvalue().endswith(": last words\n")
