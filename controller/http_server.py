@@ -230,6 +230,7 @@ class _Connection(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self._continued = False  # "100 Continue" sent for the request being read
+        self._scanned = 0  # bytes of the buffer searched for the end of a head
         self._chunks: _ChunkedBody | None = None
         self._head: tuple[Request, int, int | None, bool] | None = None
         # When the connection is given up: idle too long, or a request too slow to arrive.
@@ -307,19 +308,26 @@ class _Connection(asyncio.Protocol):
             # RFC 9112 2.2: empty lines before a request line are ignored.
             while buffer[:2] == b"\r\n":
                 del buffer[:2]
+                self._scanned = 0
             if not buffer:
                 self.idle = True
                 self.deadline = self._loop.time() + self._server.keepalive_timeout
                 return None
-            end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            # Searched from where the last search ended: a head sent a byte at a time is
+            # scanned once, not once per byte.
+            end = buffer.find(b"\r\n\r\n", max(0, self._scanned - 3), MAX_HEAD + 4)
             if end < 0:
-                line_end = buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
-                if line_end < 0 and len(buffer) > MAX_REQUEST_LINE:
+                if (
+                    self._scanned <= MAX_REQUEST_LINE < len(buffer)
+                    and buffer.find(b"\r\n", 0, MAX_REQUEST_LINE + 2) < 0
+                ):
                     raise HttpError(414, f"the request line is longer than {MAX_REQUEST_LINE} bytes", close=True)
                 if len(buffer) > MAX_HEAD:
                     raise HttpError(431, f"the request head is longer than {MAX_HEAD} bytes", close=True)
+                self._scanned = len(buffer)
                 self._receiving()
                 return None
+            self._scanned = 0
             self._head = self._parse_head(bytes(buffer[:end]), end + 4)
         request, start, length, chunked = self._head
         if chunked:
@@ -327,6 +335,10 @@ class _Connection(asyncio.Protocol):
                 self._chunks = _ChunkedBody(start, self._server.max_body)
             body = self._chunks.feed(buffer)
             if body is None:
+                # The chunks' framing (sizes, extensions, trailers) counts too: tiny chunks
+                # with long extensions must not hold gigabytes for a body within the limit.
+                if len(buffer) - start > 2 * self._server.max_body + MAX_HEAD:
+                    raise HttpError(413, f"the chunked body is larger than {self._server.max_body} bytes", close=True)
                 self._expect_continue(request)
                 return None
             end_of_request = self._chunks.position
@@ -536,7 +548,9 @@ class _Connection(asyncio.Protocol):
 
 class _ChunkedBody:
     """A chunked body read as its bytes arrive (RFC 9112 7.1), from ``position``; chunk
-    extensions and trailer fields are read and ignored."""
+    extensions and trailer fields are read and ignored. Each byte is looked at once however
+    the body is cut into pieces: a line's search resumes where it stopped, and a chunk's
+    data is waited for without reading its size line again."""
 
     def __init__(self, position: int, limit: int) -> None:
         self.position = position
@@ -544,18 +558,30 @@ class _ChunkedBody:
         self._parts: list[bytes] = []
         self._size = 0
         self._trailers = False
+        self._scanned = position  # where the search for the current line's end resumes
+        self._data_end: int | None = None  # inside a chunk: where its data ends
 
     def feed(self, buffer: bytearray) -> bytes | None:
         """The whole body once it has arrived (``position`` then just past it), else None."""
         while True:
-            line_end = buffer.find(b"\r\n", self.position, self.position + 4096)
+            if self._data_end is not None:
+                if len(buffer) < self._data_end + 2:
+                    return None
+                if buffer[self._data_end : self._data_end + 2] != b"\r\n":
+                    raise HttpError(400, "a chunk does not end with CRLF", close=True)
+                self._parts.append(bytes(buffer[self.position : self._data_end]))
+                self.position = self._scanned = self._data_end + 2
+                self._data_end = None
+                continue
+            line_end = buffer.find(b"\r\n", max(self.position, self._scanned - 1), self.position + 4096)
             if line_end < 0:
                 if len(buffer) - self.position > 4096:
                     raise HttpError(400, "a chunk-size or trailer line is too long", close=True)
+                self._scanned = len(buffer)
                 return None
-            line = bytes(buffer[self.position:line_end])
+            line = bytes(buffer[self.position : line_end])
+            self.position = self._scanned = line_end + 2
             if self._trailers:
-                self.position = line_end + 2
                 if not line:
                     return b"".join(self._parts)
                 continue
@@ -564,19 +590,12 @@ class _ChunkedBody:
                 raise HttpError(400, "malformed chunk size", close=True)
             size = int(size_text, 16)
             if size == 0:
-                self.position = line_end + 2
                 self._trailers = True
                 continue
             if self._size + size > self._limit:
                 raise HttpError(413, f"the body is larger than {self._limit} bytes", close=True)
-            data_end = line_end + 2 + size
-            if len(buffer) < data_end + 2:
-                return None
-            if buffer[data_end:data_end + 2] != b"\r\n":
-                raise HttpError(400, "a chunk does not end with CRLF", close=True)
-            self._parts.append(bytes(buffer[line_end + 2:data_end]))
             self._size += size
-            self.position = data_end + 2
+            self._data_end = self.position + size
 
 
 class HttpServer:

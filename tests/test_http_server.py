@@ -188,6 +188,36 @@ async def test_clients_agree_httpx_and_curl(served: tuple[App, HttpServer]) -> N
     assert echoed["headers"]["expect"] == "100-continue" and echoed["body"] == big.decode()
 
 
+async def test_a_head_arriving_in_pieces(served: tuple[App, HttpServer]) -> None:
+    _, server = served
+    wire = await Wire.open(server)
+    request = get("/echo/pieces", "X-Long: " + "v" * 3000)
+    for start in range(0, len(request), 7):  # the end-of-head mark split across pieces too
+        wire.send(request[start : start + 7])
+        await wire.writer.drain()
+        await asyncio.sleep(0)
+    assert json.loads((await wire.answer())[2])["name"] == "pieces"
+    # A request line past the limit, in pieces: refused once the limit is crossed.
+    for _ in range(10):
+        wire.send(b"GET /" + b"a" * 1000)
+        await asyncio.sleep(0.01)
+    status, _, body = await wire.answer()
+    assert status == 414 and "request line is longer" in json.loads(body)["description"]
+
+
+async def test_a_chunked_body_arriving_in_pieces(served: tuple[App, HttpServer]) -> None:
+    _, server = served
+    wire = await Wire.open(server)
+    body = b"3;name=value\r\nabc\r\n10\r\n" + b"0123456789abcdef" + b"\r\n1\r\nz\r\n0\r\nT: 1\r\n\r\n"
+    wire.send(b"PUT /echo/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for start in range(0, len(body), 2):  # every line end and chunk end split somewhere
+        wire.send(body[start : start + 2])
+        await wire.writer.drain()
+        await asyncio.sleep(0)
+    assert json.loads((await wire.answer())[2])["body"] == "abc0123456789abcdefz"
+    wire.close()
+
+
 async def test_routing_errors_404_and_405(served: tuple[App, HttpServer]) -> None:
     _, server = served
     wire = await Wire.open(server)
@@ -257,6 +287,22 @@ async def test_chunked_body_over_the_limit_is_413(served: tuple[App, HttpServer]
     status, _, body = await wire.answer()
     assert status == 413 and "larger than" in json.loads(body)["description"]
     assert await wire.closed()
+
+
+async def test_chunk_framing_counts_toward_the_limit() -> None:
+    """Tiny chunks with long extensions: refused by what arrived, not by the body's size."""
+    server = HttpServer(App(), max_body=1000)
+    await server.start("127.0.0.1", 0)
+    try:
+        wire = await Wire.open(server)
+        wire.send(b"PUT /echo/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"1;" + b"e" * 4000 + b"\r\nx\r\n"
+        for _ in range(40):  # 40 bytes of body, 160 KB of framing
+            wire.send(chunk)
+        status, _, body = await wire.answer()
+        assert status == 413 and "chunked body is larger than 1000" in json.loads(body)["description"]
+    finally:
+        await server.stop()
 
 
 async def test_connection_close_and_http_1_0(served: tuple[App, HttpServer]) -> None:
