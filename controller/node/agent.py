@@ -72,7 +72,9 @@ class Agent:
         role = "unknown"
         with contextlib.suppress(TimeoutError):
             role = await asyncio.wait_for(job.role(), ROLE_TIMEOUT)
-        self._role_cache = (time.monotonic(), role)
+        # "unknown" (PostgreSQL starting or down) is asked again next time: kept for a second,
+        # it hid the role of a node that had just come up.
+        self._role_cache = (time.monotonic(), role) if role != "unknown" else None
         return role
 
     async def start_jobs(self) -> None:

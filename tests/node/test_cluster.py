@@ -118,7 +118,8 @@ def test_new_agent_on_the_same_disk_brings_the_node_back(cluster: list[Node]) ->
     except AssertionError as error:
         raise AssertionError(f"{error}\n{agent_log_tail(standby)}") from None
     assert time.monotonic() - started < 60
-    assert (standby.status() or {})["role"] == "standby"
+    # Running: PostgreSQL's process is up; it answers as a standby moments later.
+    wait_for(lambda: (standby.status() or {}).get("role") == "standby", 10, "recreated node a standby")
     assert "before the VM was recreated" in read_rows(standby)
     with primary.connect() as conn:
         conn.execute("INSERT INTO notes (note) VALUES ('after the VM was recreated')")
