@@ -3,8 +3,8 @@
 Why not aiohttp's server, which the local director and Consul use: under bursts of small
 JSON requests, aiohttp's web server spent ~0.19 ms of CPU a request (its request, response,
 router and writer objects) where this one spends ~0.11 ms (a bare Protocol: ~0.06 ms), and
-the broker's p99 follows its CPU per request (``benchmarks/broker``). What a JSON API needs of HTTP/1.1 (RFC 9112) is here, and what
-it does not need is refused plainly:
+the broker's p99 follows its CPU per request (``benchmarks/broker``). What a JSON API
+needs of HTTP/1.1 (RFC 9112) is here, and what it does not need is refused plainly:
 
 - requests in origin-form (or absolute-form), HTTP/1.0 and 1.1, keep-alive, pipelining
   (answered in order, one at a time), bodies by Content-Length or chunked,
