@@ -290,7 +290,9 @@ class BrokerServer:
         log.info("broker listening on %s", self.url)
 
     async def stop(self) -> None:
+        url = self.url
         await self._http.stop()
+        log.info("broker on %s stopped", url)
 
     async def __aenter__(self) -> Self:
         await self.start()

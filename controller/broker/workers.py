@@ -234,6 +234,13 @@ class Supervisor:
         except BaseException:
             traceback.print_exc()
         finally:
+            # os._exit skips logging's shutdown: write what handlers still hold (the serve
+            # command's handler writes a loop turn's lines together) before the streams.
+            for handler in logging.getLogger().handlers:
+                try:
+                    handler.flush()
+                except Exception:
+                    pass
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()

@@ -26,6 +26,7 @@ AUTH = ("cf", "workers-Secret-pw")
 HEADERS = {"X-Broker-API-Version": "2.17"}
 # "2026-... INFO [1234] controller.broker.server: broker listening on http://..."
 LISTENING = re.compile(r"\[(\d+)\] controller\.broker\.server: broker listening on ")
+STOPPED = re.compile(r"\[(\d+)\] controller\.broker\.server: broker on \S+ stopped")
 ANSWERED = re.compile(r"\[(\d+)\] controller\.broker\.server: GET /v2/catalog -> 200")
 
 
@@ -135,6 +136,8 @@ async def test_two_workers_share_the_port_restart_and_stop(
         await stop(process)
     text = log.read_text()
     assert "SIGTERM: stopping 2 workers" in text
+    # Each worker's last line, logged as its loop ends, is written before it exits.
+    assert set(STOPPED.findall(text)) == {str(pid) for pid in survivors}
     assert AUTH[1] not in text
     with pytest.raises(httpx.ConnectError):
         await catalog_many(url, 1)
