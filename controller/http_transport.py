@@ -144,6 +144,15 @@ _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_HEAD = 1 << 20
 
 
+def header_lines(raw: list[tuple[bytes, bytes]]) -> bytes:
+    """Header fields as they go on the wire, one ``name: value`` line each ending in CRLF
+    (what ``StreamTransport.exchange`` takes); ValueError if a name or value holds a line break."""
+    fields = b"".join([b"%s: %s\r\n" % pair for pair in raw])
+    if fields.count(b"\n") != len(raw) or fields.count(b"\r") != len(raw):
+        raise ValueError("a header name or value holds a line break")
+    return fields
+
+
 class RawResponse(NamedTuple):
     status: int
     reason: bytes
@@ -201,10 +210,10 @@ class StreamTransport(_PooledTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body = await request.aread()
-        raw = request.headers.raw
-        fields = b"".join([b"%s: %s\r\n" % pair for pair in raw])
-        if fields.count(b"\n") != len(raw) or fields.count(b"\r") != len(raw):
-            raise httpx.LocalProtocolError("a header name or value holds a line break", request=request)
+        try:
+            fields = header_lines(request.headers.raw)
+        except ValueError as exc:
+            raise httpx.LocalProtocolError(str(exc), request=request) from None
         timeouts = request.extensions.get("timeout") or {}
         status, reason, headers, content = await self.exchange(
             request.method, request.url, fields, body, timeouts, request=request

@@ -93,6 +93,13 @@ class Wire:
     def send(self, data: bytes) -> None:
         self.writer.write(data)
 
+    async def send_in_pieces(self, data: bytes, size: int) -> None:
+        """``data`` in writes of ``size`` bytes, each let out before the next."""
+        for start in range(0, len(data), size):
+            self.writer.write(data[start : start + size])
+            await self.writer.drain()
+            await asyncio.sleep(0)
+
     async def answer(self) -> tuple[int, dict[str, str], bytes]:
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
         lines = head.decode("latin-1").split("\r\n")
@@ -192,10 +199,7 @@ async def test_a_head_arriving_in_pieces(served: tuple[App, HttpServer]) -> None
     _, server = served
     wire = await Wire.open(server)
     request = get("/echo/pieces", "X-Long: " + "v" * 3000)
-    for start in range(0, len(request), 7):  # the end-of-head mark split across pieces too
-        wire.send(request[start : start + 7])
-        await wire.writer.drain()
-        await asyncio.sleep(0)
+    await wire.send_in_pieces(request, 7)  # the end-of-head mark split across pieces too
     assert json.loads((await wire.answer())[2])["name"] == "pieces"
     # A request line past the limit, in pieces: refused once the limit is crossed.
     for _ in range(10):
@@ -210,10 +214,7 @@ async def test_a_chunked_body_arriving_in_pieces(served: tuple[App, HttpServer])
     wire = await Wire.open(server)
     body = b"3;name=value\r\nabc\r\n10\r\n" + b"0123456789abcdef" + b"\r\n1\r\nz\r\n0\r\nT: 1\r\n\r\n"
     wire.send(b"PUT /echo/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
-    for start in range(0, len(body), 2):  # every line end and chunk end split somewhere
-        wire.send(body[start : start + 2])
-        await wire.writer.drain()
-        await asyncio.sleep(0)
+    await wire.send_in_pieces(body, 2)  # every line end and chunk end split somewhere
     assert json.loads((await wire.answer())[2])["body"] == "abc0123456789abcdefz"
     wire.close()
 

@@ -22,6 +22,7 @@ import fastjsonschema
 import jsonschema
 import orjson
 
+from controller import jsonbytes
 from controller.api import crd, models
 
 
@@ -162,21 +163,14 @@ def _node(schema: dict[str, Any]) -> _Node | None:
 
 _OUTCOMES: dict[tuple[int, bool, bytes], dict[str, bool | str]] = {}  # memo of _outcomes, by node and variables
 _OUTCOMES_MAX = 4096
-_JSON_KEY = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_JSON_KEY = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 _ORJSON_KEY = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
-def _refuse(value: Any) -> Any:
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
 def _key(value: Any) -> bytes:
-    """The memo key of rule variables: their JSON, keys sorted (1, 1.0 and true differ).
-    By orjson (~5 times the json module's speed) unless it has a null, which orjson also
-    writes for NaN: then by the json module, which spells NaN. Not JSON (a YAML date, say):
-    TypeError."""
-    data = orjson.dumps(value, default=_refuse, option=_ORJSON_KEY)
-    return _JSON_KEY(value).encode() if b"null" in data else data
+    """The memo key of rule variables: their JSON, keys sorted (1, 1.0 and true differ; the
+    json module's spelling of NaN, not orjson's null). Not JSON (a YAML date, say): TypeError."""
+    return jsonbytes.dumps(value, _JSON_KEY, option=_ORJSON_KEY, nan_as_fallback=True)
 
 
 def _outcomes(node: _Node, transition: bool, activation: dict[str, Any]) -> dict[str, bool | str]:

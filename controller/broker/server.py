@@ -40,6 +40,7 @@ _API_VERSION, _REQUEST_IDENTITY, _ORIGINATING_IDENTITY = (
 MIN_MINOR_VERSION = 13
 MAX_MINOR_VERSION = 17
 
+
 @dataclass(frozen=True)
 class BasicCredentials:
     username: str

@@ -33,9 +33,9 @@ import kmock
 import orjson
 from kmock._internal import dsl, enums, filtering, k8s, parsing, references, rendering
 
+from controller import jsonbytes
 from controller.api import crd, models
 from controller.api.validation import Invalid, admit, admit_status
-from controller.http_server import json_bytes
 
 CRD_RESOURCE = "apiextensions.k8s.io/v1/customresourcedefinitions"
 PGC_RESOURCE = f"{models.GROUP}/{models.VERSION}/{models.PLURAL}"
@@ -187,7 +187,7 @@ class _DirectRouting(k8s.KubernetesScaffold):
                         payload._requests.append(request)
                         result = await handler(request)
                         if isinstance(result, dict):
-                            return aiohttp.web.Response(body=json_bytes(result), content_type="application/json")
+                            return aiohttp.web.Response(body=jsonbytes.dumps(result), content_type="application/json")
                         rendered: aiohttp.web.StreamResponse = await payload.response._render(request, result)
                         return rendered
                     try:
@@ -659,7 +659,7 @@ def _object_error(request: rendering.Request, status: int, reason: str, what: st
         status=status,
         reason=reason,
         message=f'{qualified} "{name}" {what}',
-        details={"name": name, "group": group or "", "kind": plural},
+        details={"name": name, "group": group, "kind": plural},
     )
 
 
