@@ -62,12 +62,13 @@ def properties(
     repmgr: dict[str, Any] | None = None,
     replication: dict[str, Any] | None = None,
     passwords: tuple[str, str] = (ADMIN_PASSWORD, REPLICATION_PASSWORD),
+    parameters: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     return {
         "postgres": {
             "major_version": 15,
             "port": PORT,
-            "parameters": {"shared_buffers": "16MB", "max_connections": "40"},
+            "parameters": {"shared_buffers": "16MB", "max_connections": "40", **(parameters or {})},
             "replication": replication or {"mode": "async"},
             "admin_user": ADMIN_USER,
             "admin_password": passwords[0],
@@ -98,6 +99,7 @@ class Node:
     repmgr: dict[str, Any] = field(default_factory=dict)
     replication: dict[str, Any] = field(default_factory=dict)
     passwords: tuple[str, str] = (ADMIN_PASSWORD, REPLICATION_PASSWORD)  # admin, replication
+    parameters: dict[str, str] = field(default_factory=dict)  # extra postgres.parameters
 
     @property
     def vm_dir(self) -> Path:
@@ -126,7 +128,12 @@ class Node:
             "persistent_disk": str(self.disk),
             "run_as": "postgres",
             "peers": self.peers,
-            "jobs": [{"name": "postgres", "properties": properties(self.repmgr, self.replication, self.passwords)}],
+            "jobs": [
+                {
+                    "name": "postgres",
+                    "properties": properties(self.repmgr, self.replication, self.passwords, self.parameters),
+                }
+            ],
         }
 
     def start_agent(self) -> None:
@@ -270,12 +277,22 @@ def link_peers(nodes: list[Node]) -> None:
 
 @contextlib.contextmanager
 def running_cluster(
-    size: int, repmgr: dict[str, Any] | None = None, replication: dict[str, Any] | None = None
+    size: int,
+    repmgr: dict[str, Any] | None = None,
+    replication: dict[str, Any] | None = None,
+    parameters: dict[str, str] | None = None,
 ) -> Iterator[list[Node]]:
     addresses = free_addresses(size)
     base = make_base_dir()
     nodes = [
-        Node(index=i, address=address, base=base, repmgr=repmgr or {}, replication=replication or {})
+        Node(
+            index=i,
+            address=address,
+            base=base,
+            repmgr=repmgr or {},
+            replication=replication or {},
+            parameters=parameters or {},
+        )
         for i, address in enumerate(addresses)
     ]
     link_peers(nodes)
