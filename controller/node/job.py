@@ -38,7 +38,7 @@ from controller.node.pgconf import (
     render_repmgr_conf,
 )
 from controller.node.processes import PostgresServer, RepmgrDaemon
-from controller.node.rejoin import move_aside, rewind
+from controller.node.rejoin import clone_pending_marker, move_aside, rewind
 from controller.node.runas import CommandFailed, RunAs
 from controller.node.supervisor import Backoff, ProcessState, Supervisor
 
@@ -67,10 +67,15 @@ class ProvisioningRefused(Exception):
     """Starting this node now would be unsafe (e.g. a second writable primary)."""
 
 
-def plan_provisioning(*, bootstrap: bool, initialized: bool, provisioned: bool) -> Provisioning:
+def plan_provisioning(
+    *, bootstrap: bool, initialized: bool, provisioned: bool, clone_pending: bool = False
+) -> Provisioning:
+    """`clone_pending`: a rejoin moved this disk's data aside and its clone has not
+    completed (controller/node/rejoin.py); the disk belonged to a running cluster, so
+    even the bootstrap instance must never initdb it into a new, empty primary."""
     if provisioned and initialized:
         return Provisioning.REUSE
-    if bootstrap:
+    if bootstrap and not clone_pending:
         return Provisioning.FINISH_BOOTSTRAP if initialized else Provisioning.BOOTSTRAP
     # A standby whose clone or registration did not finish: clone again from scratch.
     return Provisioning.CLONE
@@ -242,6 +247,7 @@ class PostgresJob:
             bootstrap=self.config.bootstrap,
             initialized=self.layout.data_dir_initialized(),
             provisioned=self.layout.provisioned_marker.exists(),
+            clone_pending=clone_pending_marker(self.layout).exists(),
         )
         log.info("provisioning plan: %s", plan.value)
         if plan is Provisioning.BOOTSTRAP:
@@ -273,6 +279,7 @@ class PostgresJob:
             await self._create_roles_and_databases()
         if plan is not Provisioning.REUSE:
             self.layout.provisioned_marker.write_text(f"{plan.value}\n")
+            clone_pending_marker(self.layout).unlink(missing_ok=True)
         await self._wait_for_local_node_record()
         self.hook_events.start()
         if self.props.postgres.replication.mode == "sync":
@@ -529,7 +536,7 @@ class PostgresJob:
         except (CommandFailed, psycopg.Error) as error:
             log.error("rejoin with pg_rewind failed, cloning afresh: %s", error)
             await self.postgres.terminate()
-            move_aside(self.layout)
+            move_aside(self.layout, f"pg_rewind onto {primary.address} failed")
             self.layout.provisioned_marker.unlink(missing_ok=True)
             self.run_as.make_dir(self.layout.data_dir, 0o700)
             await self._clone(primary)

@@ -7,13 +7,18 @@
    `repmgr standby register --force` (repmgr's metadata).
 2. When that fails (the fork point's WAL is gone, a broken disk...), the old data
    directory is moved aside (one copy is kept: `data.former-primary`) and the node
-   is cloned afresh from the primary.
+   is cloned afresh from the primary. A marker on the disk (`pgbosh-clone-pending`,
+   written before the move) says that this disk may only be cloned until a clone has
+   completed: if the clone fails too (the primary is away, it has no free slot...),
+   the job's retry finds an empty data directory, and without the marker the
+   bootstrap instance would initdb a second, empty primary.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import psycopg
 
@@ -26,6 +31,12 @@ log = logging.getLogger(__name__)
 
 REJOIN_TIME_LIMIT = 300.0
 ASIDE_SUFFIX = ".former-primary"
+CLONE_PENDING = "pgbosh-clone-pending"
+
+
+def clone_pending_marker(layout: NodeLayout) -> Path:
+    """Present from a rejoin's fallback until the clone that replaces the data is done."""
+    return layout.postgres_root / CLONE_PENDING
 
 
 def primary_conninfo(primary: Peer, props: PostgresJobProperties) -> str:
@@ -111,7 +122,11 @@ async def rewind(
     run_as.write_file(layout.data_dir / "standby.signal", "", 0o600)
 
 
-def move_aside(layout: NodeLayout) -> None:
+def move_aside(layout: NodeLayout, reason: str) -> None:
+    """Keep the former primary's data directory beside the new one, for a human, and
+    mark the disk clone-only first (see the module's docstring)."""
+    marker = clone_pending_marker(layout)
+    marker.write_text(f"the data directory was moved aside: {reason}\n")
     aside = layout.data_dir.with_name(layout.data_dir.name + ASIDE_SUFFIX)
     if aside.exists():
         shutil.rmtree(aside)
@@ -122,6 +137,7 @@ def move_aside(layout: NodeLayout) -> None:
 
 __all__ = [
     "CommandFailed",
+    "clone_pending_marker",
     "cluster_state",
     "finish_crash_recovery",
     "move_aside",

@@ -8,14 +8,21 @@ a small disk). The primary dies, the lagging standby is promoted (repmgrd's own
 failover), so the timelines fork where the standby stopped. pg_rewind must read the
 old primary's WAL from the last checkpoint before that fork, and that WAL is gone: it
 exits with an error, and the agent must move the data directory aside and clone.
+
+In the second variant that clone fails too, for a reason of its own: the new primary
+has no free replication slot (max_replication_slots is used up). The node, which is
+the bootstrap instance, must keep waiting to clone; its data directory is empty by
+then, and a retry that planned an initdb would start a second, empty primary.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from .cluster import Node, agent_log_tail, job_running, running_cluster, wait_for
@@ -28,7 +35,7 @@ FAST_DETECTION = {"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnec
 SMALL_WAL_RETENTION = {"wal_keep_size": "0", "max_slot_wal_keep_size": "32MB"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster() -> Iterator[list[Node]]:
     # Two nodes: with three, the isolation guard and the third node's vote would be
     # part of the story; the rejoin path is the same.
@@ -66,7 +73,27 @@ def current_timeline(primary: Node) -> int:
     return int(row[0])
 
 
-def test_former_primary_whose_fork_point_wal_is_gone_is_cloned_afresh(cluster: list[Node]) -> None:
+def fill_replication_slots(primary: Node) -> int:
+    """Use up the primary's max_replication_slots; returns how many were created."""
+    with primary.connect("postgres") as conn:
+        row = conn.execute(
+            "SELECT current_setting('max_replication_slots')::int - count(*) FROM pg_replication_slots"
+        ).fetchone()
+        assert row is not None
+        free = int(row[0])
+        for i in range(free):
+            conn.execute("SELECT pg_create_physical_replication_slot(%s)", (f"filler_{i}",))
+    return free
+
+
+def provisioning_plans(node: Node) -> list[str]:
+    return re.findall(r"provisioning plan: (\S+)", (node.vm_dir / "agent.log").read_text())
+
+
+@pytest.mark.parametrize("slots_exhausted", [False, True], ids=["clone", "clone-fails-first"])
+def test_former_primary_whose_fork_point_wal_is_gone_is_cloned_afresh(
+    cluster: list[Node], slots_exhausted: bool
+) -> None:
     old_primary, standby = cluster
     with old_primary.connect() as conn:
         conn.execute("CREATE TABLE notes (id serial PRIMARY KEY, note text)")
@@ -109,10 +136,28 @@ def test_former_primary_whose_fork_point_wal_is_gone_is_cloned_afresh(cluster: l
     with standby.connect() as conn:
         conn.execute("INSERT INTO notes (note) VALUES ('on the new timeline')")
 
+    if slots_exhausted:
+        assert fill_replication_slots(standby) > 0
+
     # The old primary's VM comes back on its disk.
     old_primary.generation += 1
     old_primary.start_agent()
     old_primary.start_job()
+    if slots_exhausted:
+        # pg_rewind fails, the data directory goes aside, the clone fails; the job
+        # retries, and every retry waits to clone: none starts an empty primary.
+        wait_for(lambda: len(provisioning_plans(old_primary)) >= 3, 60, "two retries after the failed clone")
+        assert "all replication slots are in use" in (old_primary.vm_dir / "agent.log").read_text()
+        assert provisioning_plans(old_primary)[0] == "reuse"
+        assert set(provisioning_plans(old_primary)[1:]) == {"clone"}, agent_log_tail(old_primary, 80)
+        assert (old_primary.status() or {}).get("job_state") == "failing"
+        assert (old_primary.disk / "postgres" / "pgbosh-clone-pending").is_file()
+        with pytest.raises(psycopg.OperationalError):
+            old_primary.connect().close()
+        with standby.connect("postgres") as conn:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'filler_%'"
+            )
     try:
         wait_for(functools.partial(job_running, old_primary), 180, "old primary back")
     except AssertionError as error:
@@ -124,6 +169,7 @@ def test_former_primary_whose_fork_point_wal_is_gone_is_cloned_afresh(cluster: l
     assert "pg_rewind failed" in agent_log
     assert "could not find previous WAL record" in agent_log
     assert (old_primary.disk / "postgres" / "data.former-primary" / "PG_VERSION").is_file()
+    assert not (old_primary.disk / "postgres" / "pgbosh-clone-pending").exists()  # the clone completed
 
     # A streaming standby of the new primary, on its timeline, with its data only.
     wait_for(lambda: role(old_primary) == "standby", 10, "old primary a standby")

@@ -151,6 +151,25 @@ def test_provisioning_plan(bootstrap: bool, initialized: bool, provisioned: bool
     assert plan_provisioning(bootstrap=bootstrap, initialized=initialized, provisioned=provisioned) is plan
 
 
+@pytest.mark.parametrize(
+    ("initialized", "provisioned", "plan"),
+    [
+        (False, False, Provisioning.CLONE),
+        (True, False, Provisioning.CLONE),
+        (True, True, Provisioning.REUSE),
+    ],
+)
+def test_a_disk_whose_rejoin_clone_is_pending_is_never_bootstrapped(
+    initialized: bool, provisioned: bool, plan: Provisioning
+) -> None:
+    """After a rejoin's fallback moved the data aside (tests/node/test_rejoin.py), even
+    the bootstrap instance clones: an initdb would make a second, empty primary."""
+    assert (
+        plan_provisioning(bootstrap=True, initialized=initialized, provisioned=provisioned, clone_pending=True)
+        is plan
+    )
+
+
 def test_vm_dir_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
     data = agent_json()
     data["vm_dir"] = "/var/vcap/" + "x" * 90
