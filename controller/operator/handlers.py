@@ -1,7 +1,7 @@
 """kopf handlers: thin. They wake the cluster's reconcile loop or run delete steps.
 
-- create/update/resume: check the spec parses (PermanentError when it cannot work),
-  then wake the cluster's loop so that the change is acted on at once.
+- create/update/resume: wake the cluster's loop so that the change is acted on at once
+  (a spec that cannot work is reported by the loop as Ready=False, InvalidSpec).
 - a daemon per cluster: the level-triggered loop (reconcile, then sleep until
   the plan's requeue time, the resync period, or a wake-up).
 - delete (with kopf's finalizer): delete steps until the deployment is gone.
@@ -14,10 +14,8 @@ import logging
 from typing import Any, cast
 
 import kopf
-from pydantic import ValidationError
 
 from controller.api import models
-from controller.api.models import PostgresClusterSpec
 from controller.bosh.client import BoshError
 from controller.kube.client import KubeError
 from controller.operator.reconcile import Runtime, reconcile_once
@@ -43,29 +41,13 @@ def _wake(uid: str) -> None:
     _WAKE.setdefault(uid, asyncio.Event()).set()
 
 
-def describe_spec_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        parts.append(f"spec.{where}: {err['msg']}" if where else err["msg"])
-    return "; ".join(parts)
-
-
-def _check_spec(spec: Any) -> None:
-    try:
-        PostgresClusterSpec.model_validate(dict(spec))
-    except ValidationError as exc:
-        # The API server's schema and CEL rules normally stop this; a cluster without them
-        # (or an old CRD) can let it through. Retrying cannot help: the user must fix it.
-        raise kopf.PermanentError(f"the spec cannot work: {describe_spec_error(exc)}") from None
-
-
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
 @kopf.on.update(*RESOURCE, field=("metadata", "annotations", "pgbosh.dev/redeploy"))
 @kopf.on.resume(*RESOURCE)
-async def spec_changed(spec: Any, uid: str, **_: Any) -> None:
-    _check_spec(spec)
+async def spec_changed(uid: str, **_: Any) -> None:
+    # A spec that does not parse is reported by the cluster's loop (Ready=False, InvalidSpec,
+    # a Warning Event) and waits for the next change: no handler failure for kopf to retry.
     _wake(uid)
 
 
@@ -90,8 +72,6 @@ async def cluster_loop(name: str, namespace: str | None, uid: str, stopped: Any,
                     "reconcile of %s/%s failed, retrying in %.0fs: %s", namespace, name, ERROR_RETRY_SECONDS, exc
                 )
                 delay = ERROR_RETRY_SECONDS
-            except ValidationError:
-                delay = rt.resync_seconds  # the create/update handler reported it
             await _sleep(wake, stopped, delay)
     finally:
         _WAKE.pop(uid, None)

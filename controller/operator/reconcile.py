@@ -10,6 +10,7 @@ waits on it, so an operator restarted at any point picks the task up again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import logging
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import ValidationError
 
@@ -127,10 +129,31 @@ def status_patch(status: PostgresClusterStatus) -> dict[str, Any]:
     return {"status": full}
 
 
+def endpoint_host(rt: Runtime, namespace: str, name: str) -> str:
+    """The Consul DNS name that follows the primary (status.endpoint.host, the Secret's host)."""
+    return f"master.{consul_service_name(namespace, name, rt.bosh)}.service.consul"
+
+
+def connection_fields(rt: Runtime, namespace: str, name: str, username: str, password: str) -> dict[str, str]:
+    """What a client needs besides the login: the DNS name, port, application database and a URI."""
+    host = endpoint_host(rt, namespace, name)
+    port = str(rt.bosh.postgres_port)
+    # The node agent creates the BOSH manifest's initial databases; the first is the application's.
+    dbname = rt.bosh.initial_databases[0] if rt.bosh.initial_databases else "postgres"
+    login = f"{quote(username, safe='')}:{quote(password, safe='')}"
+    return {
+        "host": host,
+        "port": port,
+        "dbname": dbname,
+        "uri": f"postgresql://{login}@{host}:{port}/{quote(dbname, safe='')}",
+    }
+
+
 async def ensure_credentials(
     rt: Runtime, namespace: str, name: str, owner: dict[str, Any]
 ) -> tuple[str, dict[str, str]]:
-    """The Secret holding the cluster's admin login; generated once, never rotated silently."""
+    """The cluster's connection Secret: the admin login (generated once, never rotated silently,
+    a user's own kept as it is) plus host, port, dbname and uri. Values never reach a log."""
     secret_name = f"{name}{CREDENTIALS_SUFFIX}"
     mem = rt.memory.setdefault(owner["metadata"]["uid"], ClusterMemory())
     if mem.credentials is not None:
@@ -139,11 +162,13 @@ async def ensure_credentials(
     # create it, and read it only if it exists after all (409).
     if (owner.get("status") or {}).get("credentialsSecret"):
         try:
-            mem.credentials = await rt.kube.get_secret(namespace, secret_name)
+            existing = await rt.kube.get_secret(namespace, secret_name)
+            mem.credentials = await _complete_secret(rt, namespace, name, secret_name, existing)
             return secret_name, mem.credentials
         except NotFound:
             pass
-    data = {"username": rt.bosh.admin_user, "password": secrets.token_urlsafe(24)}
+    username, password = rt.bosh.admin_user, secrets.token_urlsafe(24)
+    data = {"username": username, "password": password, **connection_fields(rt, namespace, name, username, password)}
     body = {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -168,10 +193,29 @@ async def ensure_credentials(
     try:
         await rt.kube.create(core_path("secrets", namespace), body)
     except Conflict:
-        mem.credentials = await rt.kube.get_secret(namespace, secret_name)
+        existing = await rt.kube.get_secret(namespace, secret_name)
+        mem.credentials = await _complete_secret(rt, namespace, name, secret_name, existing)
         return secret_name, mem.credentials
     mem.credentials = data
     return secret_name, data
+
+
+async def _complete_secret(
+    rt: Runtime, namespace: str, name: str, secret_name: str, existing: dict[str, str]
+) -> dict[str, str]:
+    """Add what an existing Secret (made by a user, or by an older pgbosh) lacks. A login that
+    is there is kept: only missing keys and pgbosh's own connection fields are written."""
+    wanted = dict(existing)
+    wanted.setdefault("username", rt.bosh.admin_user)
+    if not wanted.get("password"):
+        wanted["password"] = secrets.token_urlsafe(24)
+    wanted.update(connection_fields(rt, namespace, name, wanted["username"], wanted["password"]))
+    changed = {key: value for key, value in wanted.items() if existing.get(key) != value}
+    if changed:
+        encoded = {key: base64.b64encode(value.encode()).decode() for key, value in changed.items()}
+        await rt.kube.merge_patch(core_path("secrets", namespace, secret_name), {"data": encoded})
+        log.info("completed secret %s/%s (keys: %s)", namespace, secret_name, ", ".join(sorted(changed)))
+    return wanted
 
 
 async def _probe_nodes(
@@ -242,7 +286,7 @@ async def gather(
         "deployment": deployment,
         "status": status,
         "deleting": deleting,
-        "endpoint_host": f"master.{service}.service.consul",
+        "endpoint_host": endpoint_host(rt, namespace, name),
         "redeploy_token": str(annotations.get(planner.REDEPLOY_ANNOTATION, "")),
     }
     manifest = ""
@@ -265,6 +309,13 @@ async def gather(
                 ),
                 manifest,
             )
+        # Semantic checks first: a spec the cloud config cannot serve changes nothing, so
+        # nothing below (the Secret, the manifest, the deploy) is even prepared.
+        cloud = await rt.cloud_config()
+        spec_errors = tuple(check_against_cloud_config(spec, cloud, rt.bosh))
+        if spec_errors:
+            mem.director_failures = 0
+            return Observed(**base, spec_errors=spec_errors, task=task, task_progress=progress), manifest
         template = _template(rt, mem, namespace, name, spec)
         desired_hash = _hash(template)
         idle = task is None or task.finished
@@ -292,8 +343,6 @@ async def gather(
         known = steady or ours
         deployed_text = None if known else await rt.director.deployed_manifest(deployment)
         deployed = known or deployed_text is not None
-        cloud = await rt.cloud_config()
-        spec_errors = tuple(check_against_cloud_config(spec, cloud, rt.bosh))
         _, credentials = await ensure_credentials(rt, namespace, name, body)
         if mem.manifest is None or mem.manifest[0] != template:
             assert mem.template is not None
@@ -323,7 +372,6 @@ async def gather(
             nodes=tuple(nodes) if nodes is not None else None,
             published=published,
             consul_service=service if rt.publisher is not None else None,
-            spec_errors=spec_errors,
             desired_hash=desired_hash,
             deployed=deployed,
             deployed_matches=matches,
@@ -449,19 +497,41 @@ async def _reconcile_body(rt: Runtime, body: dict[str, Any], status: PostgresClu
         spec = PostgresClusterSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
         if not deleting:
-            raise
+            return await _report_unparseable(rt, body, status, exc)
         spec = PostgresClusterSpec.model_validate({})  # deleting needs only the names
         log.debug("deleting a cluster whose spec does not parse: %s", exc.error_count())
     observed, manifest = await gather(rt, body, spec, status, deleting)
-    if not deleting:
-        secret_name = f"{name}{CREDENTIALS_SUFFIX}"
-        if observed.director_error is None:
-            observed = _with_credentials(observed, secret_name)
+    if not deleting and observed.director_error is None and not observed.spec_errors:
+        observed = _with_credentials(observed, f"{name}{CREDENTIALS_SUFFIX}")
     result = planner.plan(spec, observed)
     if result.actions:
         await execute(rt, body, result, manifest)
     elif result.status != status:
         await rt.kube.merge_patch(cluster_path(namespace, name, "status"), status_patch(result.status))
+    for event in result.events:
+        rt.post_event(body, event.type, event.reason, event.message)
+    return result
+
+
+def describe_spec_error(exc: ValidationError) -> str:
+    """Where and what, per error; never the offending value (a spec may hold anything)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"spec.{where}: {err['msg']}" if where else f"spec: {err['msg']}")
+    return "; ".join(parts)
+
+
+async def _report_unparseable(
+    rt: Runtime, body: dict[str, Any], status: PostgresClusterStatus, exc: ValidationError
+) -> Plan:
+    """The API server's schema and CEL rules normally stop such a spec; one stored before the
+    CRD changed (or without them) gets here. Retrying cannot help: say so once, where the
+    user looks, and wait for the spec to change (the update handler wakes the loop)."""
+    meta = body["metadata"]
+    result = planner.plan_unparseable(status, int(meta.get("generation") or 1), describe_spec_error(exc))
+    if result.status != status:
+        await rt.kube.merge_patch(cluster_path(meta["namespace"], meta["name"], "status"), status_patch(result.status))
     for event in result.events:
         rt.post_event(body, event.type, event.reason, event.message)
     return result

@@ -165,13 +165,35 @@ def _task_status(task: Task, progress: str | None) -> BoshTaskStatus:
     )
 
 
+def _invalid_spec(b: _Builder, problems: str) -> Plan:
+    """Say what is wrong (Ready=False, SpecValid=False, one Warning per new message), change nothing else."""
+    message = problems + ". Fix the spec: nothing was deployed or changed."
+    already = any(
+        c.type == COND_SPEC_VALID and c.status == "False" and c.message == message for c in b.status.conditions
+    )
+    b.condition(COND_SPEC_VALID, "False", "InvalidSpec", message)
+    b.condition(COND_READY, "False", "InvalidSpec", message)
+    if not already:
+        b.events.append(Event("Warning", "InvalidSpec", message))
+    # No requeue of its own: the next spec change wakes the cluster, a resync looks again.
+    return b.plan()
+
+
+def plan_unparseable(status: PostgresClusterStatus, generation: int, problems: str) -> Plan:
+    """A stored spec that does not parse (it got past admission, e.g. stored before the CRD
+    changed): the cluster cannot be planned at all. Report it where the user looks."""
+    b = _Builder(Observed(generation=generation, deployment=status.deployment or "", status=status))
+    return _invalid_spec(b, f"The spec cannot work: {problems}")
+
+
 def plan(spec: PostgresClusterSpec, observed: Observed) -> Plan:
     b = _Builder(observed)
-    b.status.deployment = observed.deployment
     if observed.deleting:
+        b.status.deployment = observed.deployment
         return _plan_delete(b, observed)
 
     if observed.director_error is not None:
+        b.status.deployment = observed.deployment
         delay = DIRECTOR_RETRY_SECONDS[min(observed.director_failures, len(DIRECTOR_RETRY_SECONDS) - 1)]
         b.condition(
             COND_READY,
@@ -185,15 +207,10 @@ def plan(spec: PostgresClusterSpec, observed: Observed) -> Plan:
         return b.plan(requeue_after=delay)
 
     if observed.spec_errors:
-        message = "; ".join(observed.spec_errors) + ". Fix the spec: nothing was deployed or changed."
-        already = any(
-            c.type == COND_SPEC_VALID and c.status == "False" and c.message == message for c in b.status.conditions
-        )
-        b.condition(COND_SPEC_VALID, "False", "InvalidSpec", message)
-        b.condition(COND_READY, "False", "InvalidSpec", message)
-        if not already:
-            b.events.append(Event("Warning", "InvalidSpec", message))
-        return b.plan()
+        # Semantic errors change nothing else: no deployment name, Secret or deploy for a new
+        # cluster, and an existing deployment is left exactly as it runs.
+        return _invalid_spec(b, "; ".join(observed.spec_errors))
+    b.status.deployment = observed.deployment
     b.condition(COND_SPEC_VALID, "True", "Valid", "The spec fits the BOSH cloud config.")
 
     _observe_instances(b, spec, observed)
@@ -475,4 +492,5 @@ __all__ = [
     "WithdrawService",
     "choose_primary",
     "plan",
+    "plan_unparseable",
 ]

@@ -7,8 +7,10 @@ semantic validation, failures, and a restart in the middle of a task.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
+import kmock
 import pytest
 from conftest import eventually, running_operator
 from fakes import FakeDirector
@@ -52,8 +54,11 @@ def director() -> FakeDirector:
     return FakeDirector()
 
 
-async def test_create_goes_through_provisioning_to_ready_and_delete_runs_the_finalizer(kube_api, kube, director):
+async def test_create_goes_through_provisioning_to_ready_and_delete_runs_the_finalizer(
+    kube_api, kube, director, caplog
+):
     _, url, _ = kube_api
+    caplog.set_level(logging.DEBUG)
     phases: list[str] = []
 
     async def phase_seen() -> bool:
@@ -81,9 +86,17 @@ async def test_create_goes_through_provisioning_to_ready_and_delete_runs_the_fin
         assert "Deploying" in reasons
         body = await kube.get(f"{PATH}/demo")
         assert "pgbosh.dev/finalizer" in body["metadata"]["finalizers"]
-        # The generated password is in the Secret, and nowhere in the status or events.
-        password = (await kube.get_secret("default", "demo-pgbosh-credentials"))["password"]
+        # The connection Secret: the login, and where to connect (the DNS name that follows the primary).
+        secret = await kube.get_secret("default", "demo-pgbosh-credentials")
+        password = secret["password"]
+        assert len(password) >= 24
+        assert secret["username"] == "pgbosh_admin"
+        assert secret["host"] == status["endpoint"]["host"] == "master.pg-default-demo.service.consul"
+        assert secret["port"] == "5432" and secret["dbname"] == "app"
+        assert secret["uri"] == f"postgresql://pgbosh_admin:{password}@master.pg-default-demo.service.consul:5432/app"
+        # The generated password is in the Secret, and nowhere in the status, events or logs.
         assert password not in str(body) and password not in str(await events_for(kube))
+        assert caplog.records and not [r for r in caplog.records if password in _record_text(r)]
 
         await kube.delete(f"{PATH}/demo")
 
@@ -99,19 +112,36 @@ async def test_create_goes_through_provisioning_to_ready_and_delete_runs_the_fin
         assert director.count("delete_deployment") == 1
 
 
-async def test_a_credentials_secret_made_before_the_cluster_is_used_not_replaced(kube_api, kube, director):
+async def test_a_credentials_secret_made_before_the_cluster_is_used_not_replaced(kube_api, kube, director, caplog):
     _, url, _ = kube_api
+    caplog.set_level(logging.DEBUG)
     await kube.apply_secret(
-        "default", "demo-pgbosh-credentials", {"username": "pgbosh_admin", "password": "chosen-by-the-user-1"}
+        "default", "demo-pgbosh-credentials", {"username": "pgbosh_admin", "password": "chosen/by the user:1"}
     )
     async with running_operator(url, director):
         await kube.create(PATH, cluster())
         await eventually(lambda: _phase_is(kube, "Ready"), timeout=30, interval=0.05)
     status = await status_of(kube)
     assert status["credentialsSecret"] == "demo-pgbosh-credentials"
-    assert (await kube.get_secret("default", "demo-pgbosh-credentials"))["password"] == "chosen-by-the-user-1"
+    secret = await kube.get_secret("default", "demo-pgbosh-credentials")
+    # The user's login is kept; the connection fields are added beside it, the URI quoting the password.
+    assert secret["username"] == "pgbosh_admin" and secret["password"] == "chosen/by the user:1"
+    assert secret["host"] == "master.pg-default-demo.service.consul"
+    assert secret["port"] == "5432" and secret["dbname"] == "app"
+    assert secret["uri"] == (
+        "postgresql://pgbosh_admin:chosen%2Fby%20the%20user%3A1@master.pg-default-demo.service.consul:5432/app"
+    )
     [manifest] = director.deployments.values()
-    assert "chosen-by-the-user-1" in manifest
+    assert "chosen/by the user:1" in manifest
+    assert "chosen" not in str(status) and "chosen" not in str(await events_for(kube))
+    assert not [r for r in caplog.records if "chosen" in _record_text(r)]
+
+
+def _record_text(record: logging.LogRecord) -> str:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += repr(record.exc_info[1]) + str(record.exc_info[1])
+    return text
 
 
 async def _phase_is(kube: KubeClient, phase: str) -> bool:
@@ -162,6 +192,85 @@ async def test_semantic_errors_set_ready_false_and_change_nothing(kube_api, kube
         assert status.get("phase", "Pending") == "Pending"
         warnings = await eventually(lambda: _events_with_reason(kube, "InvalidSpec"))
         assert warnings[0]["type"] == "Warning" and message in warnings[0]["message"]
+        # Nothing else was made or recorded: no Secret, no deployment name, no Secret name.
+        assert "deployment" not in status and "credentialsSecret" not in status
+        with pytest.raises(NotFound):
+            await kube.get_secret("default", "demo-pgbosh-credentials")
+        assert await kube.list(core_path("secrets", "default")) == []
+
+
+async def test_a_ready_cluster_edited_to_an_unknown_vm_type_keeps_its_deployment(kube_api, kube, director):
+    api, url, _ = kube_api
+    async with running_operator(url, director, resync_seconds=0.1):
+        await kube.create(PATH, cluster(vmType="small"))
+        await eventually(lambda: _phase_is(kube, "Ready"), timeout=30, interval=0.05)
+        before = await status_of(kube)
+        manifests = dict(director.deployments)
+        assert director.count("deploy") == 1 and len(manifests) == 1
+
+        await kube.merge_patch(f"{PATH}/demo", {"spec": {"vmType": "huge"}})
+        status = await eventually(lambda: _condition_reason(kube, "Ready", "InvalidSpec"), timeout=20)
+        ready = condition(status, "Ready")
+        assert ready["status"] == "False" and "vmType 'huge'" in ready["message"]
+        assert ready["observedGeneration"] == 2
+        warnings = await eventually(lambda: _events_with_reason(kube, "InvalidSpec"))
+        assert warnings[0]["type"] == "Warning"
+        # Many reconciles later (resync 0.1 s): no deploy, the deployment and its manifest as they were.
+        reads = _reads_of(api, "demo")
+        await eventually(lambda: _reads_of(api, "demo") > reads + 10, timeout=20)
+        status = await status_of(kube)
+        assert director.count("deploy") == 1 and director.deployments == manifests
+        assert status["deployment"] == before["deployment"] and status["boshTask"] == before["boshTask"]
+        assert status["observedGeneration"] == before["observedGeneration"] == 1
+        assert len(await _events_with_reason(kube, "InvalidSpec")) == 1  # said once, not per reconcile
+
+        await kube.merge_patch(f"{PATH}/demo", {"spec": {"vmType": "small"}})
+        status = await eventually(lambda: _condition_reason(kube, "Ready", "AllInstancesRunning"), timeout=20)
+        assert condition(status, "Ready")["status"] == "True" and status["phase"] == "Ready"
+        assert condition(status, "SpecValid")["status"] == "True"
+        assert status["observedGeneration"] == 3
+        assert director.count("deploy") == 1 and director.deployments == manifests
+
+
+async def test_a_stored_spec_that_does_not_parse_is_reported_not_retried(kube_api, kube, director):
+    api, url, _ = kube_api
+    # Stored before the CRD refused reserved parameters: admission never saw it (and ratchets
+    # the rule on an unchanged value, as the API server does), the operator's model refuses it.
+    body = cluster(parameters={"port": "6543"})
+    body["metadata"].update(generation=1)
+    api.objects[kmock.resource("pgbosh.dev/v1alpha1/postgresclusters"), "default", "demo"] = api._stamp(body)
+    async with running_operator(url, director, resync_seconds=0.2):
+        status = await eventually(lambda: _condition_reason(kube, "Ready", "InvalidSpec"), timeout=20)
+        ready = condition(status, "Ready")
+        assert ready["status"] == "False" and ready["observedGeneration"] == 1
+        assert "spec.parameters" in ready["message"] and "port" in ready["message"]
+        assert "nothing was deployed" in ready["message"]
+        warnings = await eventually(lambda: _events_with_reason(kube, "InvalidSpec"))
+        assert warnings[0]["type"] == "Warning" and "spec.parameters" in warnings[0]["message"]
+        # Not a hot loop: at most one look per resync, and the Warning is posted once.
+        reads = _reads_of(api, "demo")
+        import asyncio
+
+        await asyncio.sleep(2)
+        assert _reads_of(api, "demo") - reads <= 15
+        assert len(await _events_with_reason(kube, "InvalidSpec")) == 1
+        assert director.calls == [] and director.deployments == {}
+        assert "deployment" not in status and "credentialsSecret" not in status
+        assert await kube.list(core_path("secrets", "default")) == []
+
+        # Fixed: the cluster is created as usual.
+        await kube.merge_patch(f"{PATH}/demo", {"spec": {"parameters": {"port": None}}})
+        await eventually(lambda: _phase_is(kube, "Ready"), timeout=30, interval=0.05)
+        assert director.count("deploy") == 1
+
+
+def _reads_of(api: Any, name: str) -> int:
+    """GETs of one PostgresCluster the emulator served: one per reconcile step."""
+    return sum(
+        1
+        for r in api._requests
+        if str(r.method).upper().endswith("GET") and r.name == name and "postgresclusters" in str(r.resource)
+    )
 
 
 async def _events_with_reason(kube: KubeClient, reason: str) -> list[dict[str, Any]]:
