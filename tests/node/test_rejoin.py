@@ -174,7 +174,7 @@ def test_former_primary_whose_fork_point_wal_is_gone_is_cloned_afresh(
     # A streaming standby of the new primary, on its timeline, with its data only.
     wait_for(lambda: role(old_primary) == "standby", 10, "old primary a standby")
     wait_for(lambda: "node-0" in streaming_from(standby), 30, "node 0 streams from node 1")
-    assert wait_for(lambda: wal_receiver(old_primary), 30, "wal receiver") == ("streaming", new_timeline)
+    wait_for(lambda: wal_receiver(old_primary) == ("streaming", new_timeline), 30, "streaming on the new timeline")
     with standby.connect() as conn:
         conn.execute("INSERT INTO notes (note) VALUES ('after the rejoin')")
     wait_for(lambda: "after the rejoin" in notes(old_primary), 30, "row on the rejoined node")
