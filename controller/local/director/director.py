@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -59,6 +59,14 @@ def _now_iso() -> str:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _spec_digest(jobs: list[dict[str, Any]], vm_type: str, az: str, disk_mb: int) -> str:
+    """What a VM was created from: a different digest means the VM must be recreated."""
+    return _digest({"jobs": jobs, "vm_type": vm_type, "az": az, "disk_mb": disk_mb})
+
+
+_T = TypeVar("_T")
 
 
 def slot_prefix(slot: int) -> str:
@@ -133,7 +141,20 @@ class Plan:
     create: list[InstanceRecord] = field(default_factory=list)
     recreate: list[InstanceRecord] = field(default_factory=list)
     start: list[InstanceRecord] = field(default_factory=list)
-    disk_moves: dict[str, Path] = field(default_factory=dict)  # instance id -> old disk dir
+
+
+GroupPlan = tuple[mf.InstanceGroup, Plan, list[dict[str, Any]]]  # a group, its plan, its resolved jobs
+
+
+def _serial_batches(plans: list[GroupPlan]) -> list[list[GroupPlan]]:
+    """Runs of consecutive groups with the same `update.serial` (multi_instance_group_updater.rb)."""
+    batches: list[list[GroupPlan]] = []
+    for item in plans:
+        if batches and batches[-1][0][0].update.serial == item[0].update.serial:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
 
 
 class TaskFailed(Exception):
@@ -186,11 +207,24 @@ class Engine:
             os.chmod(sub, 0o755)
         if not self.state.configs:
             self._add_config("cloud", "default", mf.DEFAULT_CLOUD_CONFIG)
+        for dep in self.state.deployments.values():
+            for inst in dep.instances:
+                self._finish_disk_move(inst)
         for raw in self.state.tasks:
             if raw["state"] in ACTIVE_STATES:
                 raw["state"] = "error"
                 raw["result"] = "Task was interrupted: the director stopped while it ran"
         self.save()
+
+    def _finish_disk_move(self, inst: InstanceRecord) -> None:
+        """A director that died while moving a disk: the instance's data is wherever it is now."""
+        if not inst.pending_disk_cid:
+            return
+        new = self.vm_root / "disks" / inst.pending_disk_cid
+        if new.exists() and not self._disk_dir(inst).exists():
+            log.info("%s: its data moved to disk %s before the director stopped", inst.label(), inst.pending_disk_cid)
+            inst.disk_cid = inst.pending_disk_cid
+        inst.pending_disk_cid = None
 
     async def start(self) -> None:
         """Adopt live agents; restart VMs whose agent is gone; start supervising."""
@@ -456,9 +490,6 @@ class Engine:
             "jobs": [{"name": j["name"], "properties": j["properties"]} for j in jobs],
         }
 
-    def _spec_digest(self, inst: InstanceRecord, jobs: list[dict[str, Any]]) -> str:
-        return _digest({"jobs": jobs, "vm_type": inst.vm_type, "az": inst.az, "disk_mb": inst.disk_mb})
-
     def _stored_jobs(self, dep: DeploymentRecord, group: str) -> list[dict[str, Any]]:
         _, resolved, _ = self._resolve(dep.name, dep.config_manifest, self.variables.get(dep.name, {}),
                                        self._cloud_of(dep))
@@ -518,7 +549,7 @@ class Engine:
         rt.popen = spawn_agent(self.agent_command, vm_dir)
         inst.pid = rt.popen.pid
         inst.vm_created_at = _now_iso()
-        inst.spec_digest = self._spec_digest(inst, jobs)
+        inst.spec_digest = _spec_digest(jobs, inst.vm_type, inst.az, inst.disk_mb)
         rt.status, rt.down_since, rt.last_ok = None, None, time.monotonic()
         self.save()
         out.debug(f"Created VM {inst.vm_cid} for {inst.label()} at {inst.address}, agent pid {inst.pid}")
@@ -632,7 +663,7 @@ class Engine:
 
         group_names = {g.name for g in parsed.groups}
         obsolete = [i for i in dep.instances if i.group not in group_names]
-        plans: list[tuple[mf.InstanceGroup, Plan, list[dict[str, Any]]]] = []
+        plans: list[GroupPlan] = []
         for group in parsed.groups:
             jobs = self._group_jobs(resolved, group.name)
             plans.append((group, self._plan(dep, group, jobs, recreate), jobs))
@@ -655,11 +686,21 @@ class Engine:
                     rt.busy -= 1
 
             await asyncio.gather(*(self._tracked(stage.track(i.label()), create(i)) for i in to_create))
-        for group, plan, jobs in plans:
+
+        async def update_group(item: GroupPlan) -> None:
+            group, plan, jobs = item
             for inst in dep.group(group.name):
                 if inst not in plan.recreate and inst not in plan.create:
                     self._rewrite_agent_config(dep, inst, jobs)
             await self._update_group(dep, group, plan, jobs, out)
+
+        # multi_instance_group_updater.rb (BatchMultiInstanceGroupUpdater): consecutive groups
+        # with the same `update.serial` form a batch; a serial batch updates its groups one
+        # after another, a `serial: false` batch all at once. `serial` says nothing about the
+        # instances of a group: they always follow canaries and max_in_flight (docs-bosh
+        # manifest-v2 `update.serial`), so "instances one at a time" is `max_in_flight: 1`.
+        for batch in _serial_batches(plans):
+            await self._pool(batch, 1 if batch[0][0].update.serial else len(batch), update_group)
         dep.manifest = text
         self.save()
         return f"/deployments/{name}"
@@ -697,23 +738,41 @@ class Engine:
             if inst.state == "detached":
                 inst.vm_type = group.vm_type
                 continue  # no VM until someone asks for 'started'; it then gets the new spec
-            if inst.disk_mb != group.disk_mb:
-                plan.disk_moves[inst.id] = self._migrate_disk(inst, group.disk_mb)
-            inst.vm_type = group.vm_type
-            changed = self._spec_digest(inst, jobs) != inst.spec_digest
-            if recreate or changed or (inst.state != "detached" and not inst.vm_cid):
+            # The new vm_type and disk size are the instance's only once it is updated
+            # (`update` in _update_group): until then the state names its VM and disk as they are.
+            changed = _spec_digest(jobs, group.vm_type, inst.az, group.disk_mb) != inst.spec_digest
+            if recreate or changed or (inst.state != "detached" and not self._vm_alive(inst)):
                 plan.recreate.append(inst)
                 plan.start.append(inst)
             elif inst.state == "started" and not self._running(inst):
                 plan.start.append(inst)
         return plan
 
-    def _migrate_disk(self, inst: InstanceRecord, size_mb: int) -> Path:
-        """A new disk of the new size that gets the old disk's data (BOSH copies; a rename is our copy)."""
-        old = self._disk_dir(inst)
-        inst.disk_cid = f"disk-{uuid.uuid4()}"
-        inst.disk_mb = size_mb
-        return old
+    def _migrate_disk(self, inst: InstanceRecord, size_mb: int) -> None:
+        """Disk growth of one instance whose VM is gone: its data moves to a new disk of the new size.
+
+        BOSH creates the new disk, copies the data across and orphans the old one, one
+        instance at a time as each is updated; a rename is our copy. The state names the new
+        disk only once the data is in it; `pending_disk_cid`, saved before the rename, lets
+        `load` find the data if the director dies in between.
+        """
+        new_cid = f"disk-{uuid.uuid4()}"
+        old, new = self._disk_dir(inst), self.vm_root / "disks" / new_cid
+        inst.pending_disk_cid = new_cid
+        self.save()
+        if old.exists():
+            os.replace(old, new)
+        inst.disk_cid, inst.disk_mb, inst.pending_disk_cid = new_cid, size_mb, None
+        self.save()
+
+    def _vm_alive(self, inst: InstanceRecord) -> bool:
+        """The instance has a VM whose agent process is alive (a dead one is recreated by a deploy)."""
+        if not inst.vm_cid:
+            return False
+        rt = self.runtime.get(inst.id)
+        if rt is not None and rt.popen is not None:
+            return bool(rt.popen.poll() is None)
+        return agent_alive(inst.pid, self._vm_dir(inst) / "agent.json")
 
     def _running(self, inst: InstanceRecord) -> bool:
         rt = self.runtime.get(inst.id)
@@ -724,40 +783,89 @@ class Engine:
 
     async def _update_group(self, dep: DeploymentRecord, group: mf.InstanceGroup, plan: Plan,
                             jobs: list[dict[str, Any]], out: TaskOutput) -> None:
-        todo = sorted(plan.start, key=lambda i: (not i.bootstrap, i.index))
+        """instance_group_updater.rb `update`: AZ by AZ, canaries first, at most max_in_flight at once.
+
+        The instances to update are ordered like instance_plan_sorter.rb (bootstrap first,
+        then the rest of its AZ, then the other AZs by name; within an AZ BOSH orders by
+        uuid, we by index) and taken AZ by AZ in that order. Each AZ gets a pool of
+        `max_in_flight` computed for the number of instances updated in that AZ (a
+        percentage is of that number, rounded down, at least 1). Only the first AZ has
+        canaries (`canaries` of its size, at most all of them); they run through the same
+        pool, so max_in_flight limits them too, and the rest of the AZ starts when all
+        canaries are done. A failure stops the group: no further instance starts, those in
+        flight finish, and the task fails with the first error (Bosh::ThreadPool).
+        """
+        todo = list(plan.start)
         if not todo:
             return
+        bootstrap = next((i for i in dep.group(group.name) if i.bootstrap), None)
+        first_az = bootstrap.az if bootstrap else None  # its AZ comes first even when it is not updated
+        todo.sort(key=lambda i: (i is not bootstrap, i.az != first_az, i.az, i.index))
+        by_az: dict[str, list[InstanceRecord]] = {}
+        for inst in todo:
+            by_az.setdefault(inst.az, []).append(inst)
         stage = out.stage("Updating instance", len(todo), [group.name])
-        canaries = todo[: group.update.canaries]
-        rest = todo[group.update.canaries:]
 
-        async def update(inst: InstanceRecord, watch: mf.WatchTime) -> None:
-            rt = self.runtime.setdefault(inst.id, VmRuntime())
-            rt.busy += 1
-            try:
-                if inst in plan.recreate:
-                    await self._delete_vm(inst)
-                    old_disk = plan.disk_moves.pop(inst.id, None)
-                    if old_disk is not None and old_disk.exists():
-                        os.replace(old_disk, self._disk_dir(inst))
-                    await self._create_vm(dep, inst, jobs, out)
-                if inst.state == "started":
-                    await self._start_jobs(inst, watch, out)
-                else:
-                    await self._stop_jobs(inst)  # a new VM of a stopped instance stays stopped
-            finally:
-                rt.busy -= 1
+        async def update(inst: InstanceRecord, canary: bool) -> None:
+            step = stage.track(inst.label() + (" (canary)" if canary else ""))
+            watch = group.update.canary_watch_time if canary else group.update.update_watch_time
+            await self._tracked(step, self._update_instance(dep, group, plan, inst, jobs, watch, out))
 
-        names = {i.id: i.label() + (" (canary)" if i in canaries else "") for i in todo}
-        for start in range(0, len(canaries), max(1, len(canaries))):
-            batch = canaries[start:start + len(canaries)]
-            await asyncio.gather(*(self._tracked(stage.track(names[i.id]), update(i, group.update.canary_watch_time))
-                                   for i in batch))
-        step = max(1, group.update.max_in_flight)
-        for start in range(0, len(rest), step):
-            batch = rest[start:start + step]
-            await asyncio.gather(*(self._tracked(stage.track(names[i.id]), update(i, group.update.update_watch_time))
-                                   for i in batch))
+        canaries_done = False
+        for insts in by_az.values():
+            in_flight = group.update.max_in_flight_for(len(insts))
+            if not canaries_done:
+                count = group.update.canaries_for(len(insts))
+                canaries, insts = insts[:count], insts[count:]
+                await self._pool(canaries, in_flight, lambda i: update(i, True))
+                canaries_done = True
+            await self._pool(insts, in_flight, lambda i: update(i, False))
+
+    async def _update_instance(self, dep: DeploymentRecord, group: mf.InstanceGroup, plan: Plan,
+                               inst: InstanceRecord, jobs: list[dict[str, Any]], watch: mf.WatchTime,
+                               out: TaskOutput) -> None:
+        rt = self.runtime.setdefault(inst.id, VmRuntime())
+        rt.busy += 1
+        try:
+            if inst in plan.recreate:
+                await self._delete_vm(inst)
+                inst.vm_type = group.vm_type
+                if inst.disk_mb != group.disk_mb:
+                    self._migrate_disk(inst, group.disk_mb)
+                await self._create_vm(dep, inst, jobs, out)
+            if inst.state == "started":
+                await self._start_jobs(inst, watch, out)
+            else:
+                await self._stop_jobs(inst)  # a new VM of a stopped instance stays stopped
+        finally:
+            rt.busy -= 1
+
+    @staticmethod
+    async def _pool(items: list[_T], size: int, work: Callable[[_T], Awaitable[None]]) -> None:
+        """Bosh::ThreadPool: `work` on each item, at most `size` at once, in order.
+
+        After a failure no further item starts; the running ones finish, then the first
+        error is raised (a cancelled pool cancels its running items).
+        """
+        pending = list(items)
+        running: set[asyncio.Task[None]] = set()
+        failure: BaseException | None = None
+        try:
+            while running or (pending and failure is None):
+                while pending and failure is None and len(running) < max(1, size):
+                    running.add(asyncio.ensure_future(work(pending.pop(0))))
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+                    if error is not None and failure is None:
+                        failure = error
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        if failure is not None:
+            raise failure
 
     @staticmethod
     async def _tracked(step: Any, work: Awaitable[None]) -> None:
@@ -782,6 +890,8 @@ class Engine:
         try:
             await self._delete_vm(inst, drain=drain)
             remove_tree(self._disk_dir(inst))
+            if inst.pending_disk_cid:
+                remove_tree(self.vm_root / "disks" / inst.pending_disk_cid)
         finally:
             rt.busy -= 1
             self.runtime.pop(inst.id, None)

@@ -99,12 +99,42 @@ class WatchTime:
 
 
 @dataclass(frozen=True)
+class Amount:
+    """`canaries` / `max_in_flight` as written: a number, or a percentage of the instances it applies to."""
+
+    value: int
+    percent: bool = False
+
+    def of(self, size: int) -> int:
+        """update_config.rb `get_numerical_value`: a percentage is rounded down and capped at `size`."""
+        if self.percent:
+            return min(self.value * size // 100, size)
+        return self.value
+
+    def __str__(self) -> str:
+        return f"{self.value}%" if self.percent else str(self.value)
+
+
+@dataclass(frozen=True)
 class UpdatePolicy:
-    canaries: int
-    max_in_flight: int
+    """An instance group's `update` block, read like update_config.rb.
+
+    The Director keeps `canaries` and `max_in_flight` uncalculated and works them out for
+    each AZ when it updates a group (instance_group_updater.rb), so percentages stay
+    percentages here; `canaries_for` / `max_in_flight_for` do the calculation.
+    """
+
+    canaries: Amount
+    max_in_flight: Amount
     canary_watch_time: WatchTime
     update_watch_time: WatchTime
     serial: bool
+
+    def canaries_for(self, size: int) -> int:
+        return min(self.canaries.of(size), size)
+
+    def max_in_flight_for(self, size: int) -> int:
+        return max(1, self.max_in_flight.of(size))
 
 
 @dataclass(frozen=True)
@@ -162,19 +192,30 @@ def _require(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], wh
     return value
 
 
-def _in_flight(raw: Any, total: int, key: str) -> int:
+def _amount(raw: Any, key: str) -> Amount:
     if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
-        return raw
+        return Amount(raw)
     if isinstance(raw, str):
         match = re.fullmatch(r"\s*(\d+)\s*%\s*", raw)
         if match:
-            return max(1, (int(match.group(1)) * total + 99) // 100) if total else 1
+            return Amount(int(match.group(1)), percent=True)
         if raw.strip().isdigit():
-            return int(raw)
+            return Amount(int(raw))
     raise errors.ValidationInvalidValue(f"Property '{key}' value ({raw!r}) should be an integer or a percentage")
 
 
-def _update_policy(raw: Any, fallback: UpdatePolicy | None, total: int, where: str) -> UpdatePolicy:
+def _serial(raw: Mapping[str, Any], base: UpdatePolicy | None) -> bool:
+    """update_config.rb: a boolean, by default the deployment's (whose own default is true)."""
+    value = raw.get("serial")
+    if value is None:
+        return base.serial if base else True
+    if not isinstance(value, bool):
+        raise errors.ValidationInvalidType(f"Property 'serial' value ({value!r}) did not match the required type "
+                                           "'Boolean'")
+    return value
+
+
+def _update_policy(raw: Any, fallback: UpdatePolicy | None, where: str) -> UpdatePolicy:
     if raw is None:
         if fallback is None:
             raise errors.ValidationMissingField(f"Required property 'update' was not specified in object ({where})")
@@ -195,15 +236,15 @@ def _update_policy(raw: Any, fallback: UpdatePolicy | None, total: int, where: s
     canary_watch_raw = pick("canary_watch_time")
     update_watch_raw = pick("update_watch_time")
     return UpdatePolicy(
-        canaries=_in_flight(canaries_raw, total, "canaries") if canaries_raw is not None
-        else base.canaries if base else 1,
-        max_in_flight=max(1, _in_flight(flight_raw, total, "max_in_flight")) if flight_raw is not None
-        else base.max_in_flight if base else 1,
+        canaries=_amount(canaries_raw, "canaries") if canaries_raw is not None
+        else base.canaries if base else Amount(1),
+        max_in_flight=_amount(flight_raw, "max_in_flight") if flight_raw is not None
+        else base.max_in_flight if base else Amount(1),
         canary_watch_time=WatchTime.parse(canary_watch_raw, "canary_watch_time") if canary_watch_raw is not None
         else base.canary_watch_time if base else WatchTime(1000, 120000),
         update_watch_time=WatchTime.parse(update_watch_raw, "update_watch_time") if update_watch_raw is not None
         else base.update_watch_time if base else WatchTime(1000, 120000),
-        serial=bool(raw.get("serial", base.serial if base else True)),
+        serial=_serial(raw, base),
     )
 
 
@@ -233,8 +274,7 @@ def parse(doc: Mapping[str, Any], cloud: Cloud) -> Deployment:
         os_name = str(stem.get("os") or stem.get("name") or "ubuntu-jammy")
         stemcells.append((os_name, str(stem.get("version", "latest"))))
     groups_raw = _require(doc, "instance_groups", list, "deployment")
-    total_default = sum(int(g.get("instances") or 0) for g in groups_raw if isinstance(g, dict))
-    default_update = _update_policy(doc.get("update"), None, total_default, "deployment")
+    default_update = _update_policy(doc.get("update"), None, "deployment")
     release_names = {r for r, _ in releases}
     groups: list[InstanceGroup] = []
     seen: set[str] = set()
@@ -313,7 +353,7 @@ def parse(doc: Mapping[str, Any], cloud: Cloud) -> Deployment:
             if not isinstance(props, dict):
                 raise errors.ValidationInvalidType(f"Property 'properties' of job '{job_name}' must be a hash")
             jobs.append(Job(job_name, release, props))
-        update = _update_policy(raw.get("update"), default_update, instances, f"instance group '{group_name}'")
+        update = _update_policy(raw.get("update"), default_update, f"instance group '{group_name}'")
         groups.append(InstanceGroup(group_name, instances, azs, vm_type, disk_mb, tuple(networks), tuple(jobs), update))
     variables: dict[str, str] = {}
     for var in doc.get("variables") or ():

@@ -29,6 +29,8 @@ class InstanceRecord:
     vm_created_at: str | None = None
     spec_digest: str = ""
     ignore: bool = False
+    # Set while this instance's data moves to a new disk (disk growth): the new disk's cid.
+    pending_disk_cid: str | None = None
 
     @property
     def name(self) -> str:

@@ -4,6 +4,12 @@ It lets the director's lifecycle tests run in seconds without PostgreSQL. The "j
 a `sleep` child in the agent's session (so killing the VM must find it), restarted when
 it dies like monit would. Each start appends a line to `<disk>/data/boots` so tests can
 see that a recreated VM got the old disk.
+
+Job properties under `fake`: `fail` (the job exits at once, forever), `start_delay`
+(seconds a started job stays "starting" before it is "running"), and `events` (a file
+shared by the instances: each start of the job appends `<index> start <t>` and
+`<index> ready <t + start_delay>`, so tests can measure how many instances the director
+updated at once).
 """
 
 from __future__ import annotations
@@ -30,11 +36,16 @@ class FakeAgent:
         self.wanted = False
         self.started_at = 0.0
         self.restarts = 0
+        self.ready_at = 0.0
         self.done = asyncio.Event()
 
-    def _spawn(self) -> None:
+    def _props(self) -> dict[str, Any]:
         props = self.config["jobs"][0]["properties"] if self.config["jobs"] else {}
-        if props.get("fake", {}).get("fail"):  # a job that exits at once, forever failing
+        fake = props.get("fake") or {}
+        return fake if isinstance(fake, dict) else {}
+
+    def _spawn(self) -> None:
+        if self._props().get("fail"):  # a job that exits at once, forever failing
             self.child = subprocess.Popen(["true"])
             return
         self.child = subprocess.Popen(["sleep", "infinity"])
@@ -53,6 +64,8 @@ class FakeAgent:
     def state(self) -> str:
         if not self.wanted:
             return "stopped"
+        if time.time() < self.ready_at:
+            return "starting"
         return "running" if self._alive() else "failing"
 
     async def status(self, _: web.Request) -> web.Response:
@@ -68,6 +81,7 @@ class FakeAgent:
         if not self.wanted:
             self.data.mkdir(parents=True, exist_ok=True)
             self._record_boot()
+            self._record_start()
             self.wanted = True
             if not self._alive():
                 self._spawn()
@@ -76,6 +90,14 @@ class FakeAgent:
     def _record_boot(self) -> None:
         with open(self.data / "boots", "a") as out:
             out.write(f"{self.config['id']} {self.config['address']} {self.config['index']}\n")
+
+    def _record_start(self) -> None:
+        now = time.time()
+        self.ready_at = now + float(self._props().get("start_delay") or 0)
+        if self._props().get("events"):
+            with open(self._props()["events"], "a") as out:  # one write: lines of two agents never mix
+                out.write(f"{self.config['index']} start {now:.6f}\n{self.config['index']} ready "
+                          f"{self.ready_at:.6f}\n")
 
     def _stop_child(self) -> None:
         self.wanted = False

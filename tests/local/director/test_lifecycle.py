@@ -270,3 +270,46 @@ async def test_stop_with_vms_then_start_brings_the_vms_back_on_their_disks(short
         assert all(r["vm_cid"] not in {b["vm_cid"] for b in before} for r in after)
         resp = await client2.req("DELETE", "/deployments/sleepy", params={"force": "true"})
         assert (await client2.wait(await client2.task_of(resp)))["state"] == "done"
+
+
+async def test_a_failed_disk_growth_leaves_the_rest_on_their_disks_and_delete_frees_all(short_tmp):
+    """Disk growth happens per instance as it is updated (like the Director's disk migration in
+    instance_updater): a canary that fails leaves the others on their old disks with their data."""
+    kw = {"vm_root": short_tmp / "vms", "agent_command": FAKE_AGENT, "resurrection_delay": 30.0,
+          "agent_timeout": 1.0, "poll_interval": 0.2}
+    disks = short_tmp / "vms" / "disks"
+    async with running_director(short_tmp / "state", **kw) as (director, client):
+
+        def state_disks() -> set[str]:
+            return {i.disk_cid for d in director.engine.state.deployments.values() for i in d.instances}
+
+        for name in ("grow", "grow-and-go"):
+            assert (await client.deploy(manifest(name)))["state"] == "done"
+            before = await client.vms(name)
+            canary = disks / before[0]["disk_cid"]
+            (canary / "data" / "crash").touch()  # the canary's new VM will not boot
+            failed = await client.deploy(manifest(name, disk_mb=4096))
+            assert failed["state"] == "error" and "exited with code" in failed["result"], failed
+            after = await client.vms(name, "instances")
+            # the canary's data moved to its new disk; the others were not touched
+            assert after[0]["disk_cid"] != before[0]["disk_cid"] and not canary.exists()
+            assert (disks / after[0]["disk_cid"] / "data" / "crash").exists()
+            assert len(boots(director, after[0])) == 1
+            for old, new in zip(before[1:], after[1:], strict=True):
+                assert new["disk_cid"] == old["disk_cid"] and new["vm_cid"] == old["vm_cid"]
+                assert new["job_state"] == "running" and len(boots(director, new)) == 1
+            # the state names exactly the disks that exist
+            assert {p.name for p in disks.iterdir()} == state_disks()
+            (disks / after[0]["disk_cid"] / "data" / "crash").unlink()
+
+        # a retry grows the rest, data included
+        assert (await client.deploy(manifest("grow", disk_mb=4096)))["state"] == "done"
+        grown = await client.wait_for("grow", lambda r: running(r, 3))
+        assert [len(boots(director, r)) for r in grown] == [2, 2, 2]
+        assert {p.name for p in disks.iterdir()} == state_disks()
+
+        for name in ("grow", "grow-and-go"):  # the second one straight after its failed deploy
+            resp = await client.req("DELETE", f"/deployments/{name}", params={"force": "true"})
+            assert (await client.wait(await client.task_of(resp)))["state"] == "done"
+        assert list(disks.iterdir()) == []
+        assert list((short_tmp / "vms" / "vms").iterdir()) == []
