@@ -227,22 +227,27 @@ class Engine:
         inst.pending_disk_cid = None
 
     async def start(self) -> None:
-        """Adopt live agents; restart VMs whose agent is gone; start supervising."""
+        """Adopt live agents; restart VMs whose agent is gone; start supervising.
+
+        A VM that is gone (its agent died, or `stop(stop_vms=True)` stopped it) is recreated
+        unless resurrection is paused, for the instance or globally (`PUT /resurrection`);
+        a paused one stays down, is reported so, and comes back when the pause is lifted.
+        """
         dead: dict[str, list[InstanceRecord]] = {}
         for dep in self.state.deployments.values():
             for inst in dep.instances:
                 rt = self.runtime.setdefault(inst.id, VmRuntime())
-                if not inst.vm_cid:
-                    if inst.state != "detached" and not inst.resurrection_paused:
-                        dead.setdefault(dep.name, []).append(inst)  # stopped with stop(stop_vms=True)
-                    continue
-                if agent_alive(inst.pid, self._vm_dir(inst) / "agent.json"):
+                if inst.vm_cid and agent_alive(inst.pid, self._vm_dir(inst) / "agent.json"):
                     rt.last_ok = time.monotonic()
                     log.info("adopted %s (pid %s)", inst.label(), inst.pid)
-                elif not inst.resurrection_paused:
-                    dead.setdefault(dep.name, []).append(inst)
-                else:
+                    continue
+                if not inst.vm_cid and inst.state == "detached":
+                    continue
+                if inst.resurrection_paused or self.state.resurrection_paused:
                     rt.down_since = time.monotonic()
+                    log.info("%s: VM is gone and resurrection is paused; it stays down", inst.label())
+                else:
+                    dead.setdefault(dep.name, []).append(inst)
         for dep_name, insts in dead.items():
             self._submit_scan_and_fix(dep_name, [i.id for i in insts])
         self._supervisor = asyncio.create_task(self._supervise())
@@ -1084,7 +1089,8 @@ class Engine:
         for dep in list(self.state.deployments.values()):
             if self.state.resurrection_paused or self.active_task_for(dep.name):
                 continue
-            down = [i for i in dep.instances if i.vm_cid and not i.resurrection_paused and self._due(i)]
+            down = [i for i in dep.instances if (i.vm_cid or i.state != "detached") and not i.resurrection_paused
+                    and self._due(i)]
             if down:
                 log.info("resurrecting %s", ", ".join(i.label() for i in down))
                 self._submit_scan_and_fix(dep.name, [i.id for i in down])
@@ -1147,8 +1153,11 @@ class Engine:
             finally:
                 rt.busy -= 1
 
-        await asyncio.gather(*(self._tracked(
-            stage.track(f"VM for '{i.label()}' with cloud ID '{i.vm_cid}' is not responding. "
-                        "(unresponsive_agent): Recreate VM and wait for processes to start"), fix(i))
-            for i in insts))
+        def problem(inst: InstanceRecord) -> str:
+            if not inst.vm_cid:
+                return f"VM for '{inst.label()}' missing. (missing_vm): Recreate VM and wait for processes to start"
+            return (f"VM for '{inst.label()}' with cloud ID '{inst.vm_cid}' is not responding. "
+                    "(unresponsive_agent): Recreate VM and wait for processes to start")
+
+        await asyncio.gather(*(self._tracked(stage.track(problem(i)), fix(i)) for i in insts))
         return f"{len(insts)} resolved"

@@ -12,7 +12,7 @@ import pytest
 from controller.local.director import LocalDirector
 from controller.local.director.vms import agent_alive
 
-from .conftest import running_director
+from .conftest import kill_everything, running_director
 from .helpers import FAKE_AGENT, Client, manifest, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -313,3 +313,44 @@ async def test_a_failed_disk_growth_leaves_the_rest_on_their_disks_and_delete_fr
             assert (await client.wait(await client.task_of(resp)))["state"] == "done"
         assert list(disks.iterdir()) == []
         assert list((short_tmp / "vms" / "vms").iterdir()) == []
+
+
+async def test_a_global_pause_holds_across_a_director_restart(short_tmp):
+    state = short_tmp / "state"
+    kw = {"vm_root": short_tmp / "vms", "agent_command": FAKE_AGENT, "resurrection_delay": 0.5,
+          "agent_timeout": 1.0, "poll_interval": 0.2}
+    first = LocalDirector(state, **kw)
+    await first.start()
+    client = Client(first.info_path)
+    try:
+        assert (await client.deploy(manifest("held", instances=2)))["state"] == "done"
+        before = await client.vms("held")
+        assert (await client.req("PUT", "/resurrection", json={"resurrection_paused": True})).status_code == 200
+    except BaseException:
+        await kill_everything(first)
+        raise
+    finally:
+        await client.close()
+        await first.stop()  # the VMs keep running
+    os.kill(agent_pid(first, before[1]), signal.SIGKILL)  # dies while no director runs
+    await asyncio.sleep(0.3)
+
+    async with running_director(state, **kw) as (second, client2):
+        await asyncio.sleep(2.5)  # five resurrection delays
+        rows = await client2.vms("held", "instances")
+        assert rows[0]["job_state"] == "running" and rows[0]["vm_cid"] == before[0]["vm_cid"]
+        assert rows[1]["job_state"] == "unresponsive agent" and rows[1]["vm_cid"] == before[1]["vm_cid"]
+        scans = (await client2.req("GET", "/tasks", params={"verbose": "2", "deployment": "held"})).json()
+        assert not [t for t in scans if t["description"] == "scan and fix"]
+        # VMs the director stopped itself stay down too while paused, and come back when unpaused
+        await second.stop(stop_vms=True)
+    async with running_director(state, **kw) as (third, client3):
+        await asyncio.sleep(2.5)
+        rows = await client3.vms("held", "instances")
+        assert [r["vm_cid"] for r in rows] == [None, None]
+        assert (await client3.req("PUT", "/resurrection", json={"resurrection_paused": False})).status_code == 200
+        back = await client3.wait_for("held", lambda r: running(r, 2), limit=30)
+        assert [r["disk_cid"] for r in back] == [r["disk_cid"] for r in before]
+        assert [len(boots(third, r)) for r in back] == [2, 2]
+        resp = await client3.req("DELETE", "/deployments/held", params={"force": "true"})
+        assert (await client3.wait(await client3.task_of(resp)))["state"] == "done"
