@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,34 @@ async def test_a_global_pause_holds_across_a_director_restart(short_tmp):
         assert [len(boots(third, r)) for r in back] == [2, 2]
         resp = await client3.req("DELETE", "/deployments/held", params={"force": "true"})
         assert (await client3.wait(await client3.task_of(resp)))["state"] == "done"
+
+
+async def test_resurrection_waits_for_the_detection_delay(short_tmp):
+    delay = 3.0
+    kw = {"vm_root": short_tmp / "vms", "agent_command": FAKE_AGENT, "resurrection_delay": delay,
+          "agent_timeout": 1.0, "poll_interval": 0.2}
+    async with running_director(short_tmp / "state", **kw) as (director, client):
+        assert (await client.deploy(manifest("patient", instances=1)))["state"] == "done"
+        [row] = await client.vms("patient")
+
+        async def scans() -> list[dict]:
+            listed = (await client.req("GET", "/tasks", params={"verbose": "2", "deployment": "patient"})).json()
+            return [t for t in listed if t["description"] == "scan and fix"]
+
+        killed = time.monotonic()
+        os.kill(agent_pid(director, row), signal.SIGKILL)
+        # well inside the delay: noticed as down, not recreated
+        await client.wait_for("patient", lambda r: r[0]["job_state"] == "unresponsive agent", limit=delay / 2)
+        await asyncio.sleep(max(0.0, killed + delay / 2 - time.monotonic()))
+        [down] = await client.vms("patient", "instances")
+        assert down["vm_cid"] == row["vm_cid"] and down["job_state"] == "unresponsive agent"
+        assert await scans() == []
+        # a scan-and-fix appears, not before the delay has passed since the kill
+        while not await scans():
+            assert time.monotonic() - killed < 30, "never resurrected"
+            await asyncio.sleep(0.1)
+        assert time.monotonic() - killed >= delay
+        back = await client.wait_for("patient", lambda r: running(r, 1) and r[0]["vm_cid"] != row["vm_cid"])
+        assert back[0]["disk_cid"] == row["disk_cid"]
+        resp = await client.req("DELETE", "/deployments/patient", params={"force": "true"})
+        assert (await client.wait(await client.task_of(resp)))["state"] == "done"
