@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from controller.local.director import LocalDirector
-from controller.local.director.vms import agent_alive
+from controller.local.director.vms import AgentClient, agent_alive
 
 from .conftest import kill_everything, running_director
 from .helpers import FAKE_AGENT, Client, manifest, running
@@ -135,8 +135,13 @@ async def test_vm_type_change_recreates_on_the_same_disk_and_disk_growth_moves_d
         assert not (director.engine.vm_root / "disks" / old["disk_cid"]).exists()
 
 
+async def job_status(director, row) -> dict:
+    """GET /status straight from the instance's agent (the test agent reports its job's pid)."""
+    return await AgentClient(director.engine.vm_root / "vms" / row["vm_cid"] / "agent.sock").status(limit=5)
+
+
 async def test_job_state_changes(fake_world):
-    _, client = fake_world
+    director, client = fake_world
     assert (await client.deploy(manifest("jobs", instances=2)))["state"] == "done"
 
     async def change(index: int, state: str) -> dict:
@@ -161,8 +166,17 @@ async def test_job_state_changes(fake_world):
     assert detached["vm_cid"] is None and detached["state"] == "detached" and detached["job_state"] is None
     assert (await change(1, "started"))["state"] == "done"
     assert running(await client.vms("jobs"), 2)
+    # restart: the job is stopped and started again on the same VM (a new job process)
+    before = (await client.vms("jobs"))[0]
+    job_pid = (await job_status(director, before))["pid"]
+    started = len(boots(director, before))
     assert (await change(0, "restart"))["state"] == "done"
-    assert running(await client.vms("jobs"), 2)
+    after = await client.vms("jobs")
+    assert running(after, 2)
+    assert after[0]["vm_cid"] == before["vm_cid"] and agent_pid(director, after[0]) == agent_pid(director, before)
+    restarted = await job_status(director, after[0])
+    assert restarted["pid"] != job_pid and _sid(job_pid) is None  # the old job process is gone
+    assert len(boots(director, after[0])) == started + 1  # its job was started once more
 
 
 async def test_delete_frees_everything(fake_world):
