@@ -309,6 +309,38 @@ async def test_job_state_routes_validate_like_the_director(fake_world):
     assert rows[0]["resurrection_paused"] is True
 
 
+async def test_a_bad_manifest_for_a_running_deployment_changes_nothing(fake_world):
+    """A bad manifest fails the deploy task in "Preparing deployment" (deployment_plan/planner_factory.rb
+    validates before any step runs): the deployment's VMs and manifest stay as they were."""
+    director, client = fake_world
+    good = manifest("steady", instances=2)
+    assert (await client.deploy(good))["state"] == "done"
+    before = await client.vms("steady")
+    pids = [next(i.pid for i in director.engine.state.deployments["steady"].instances if i.id == r["id"])
+            for r in before]
+    cases = [(good.replace("vm_type: small", "vm_type: huge", 1), "unknown vm type 'huge'"),
+             (good.replace("- z2", "- z9", 1), "unknown availability zone 'z9'"),
+             (good.replace("persistent_disk: 1024", "persistent_disk_type: 3GB", 1), "unknown disk type '3GB'")]
+    for text, message in cases:
+        assert text != good
+        task = await client.deploy(text)
+        assert task["state"] == "error" and message in task["result"], task
+        assert "Instance group 'postgres'" in task["result"]
+        events = await client.events(task["id"])
+        assert {e["stage"] for e in events if "stage" in e} == {"Preparing deployment"}
+        assert events[-1]["error"]["message"] == task["result"]
+        after = await client.vms("steady")
+        assert running(after, 2)
+        assert [(r["id"], r["vm_cid"], r["disk_cid"], r["vm_type"]) for r in after] == \
+            [(r["id"], r["vm_cid"], r["disk_cid"], r["vm_type"]) for r in before]
+        assert [i.pid for i in sorted(director.engine.state.deployments["steady"].instances,
+                                      key=lambda i: i.index)] == pids
+        assert (await client.req("GET", "/deployments/steady")).json() == {"manifest": good}
+    # and the deployment still takes a good manifest
+    assert (await client.deploy(good))["state"] == "done"
+    assert [r["vm_cid"] for r in await client.vms("steady")] == [r["vm_cid"] for r in before]
+
+
 async def test_a_failed_deploy_reports_the_instance_and_keeps_the_last_good_manifest(fake_world):
     _, client = fake_world
     good = manifest("flaky", instances=1)
