@@ -2,7 +2,8 @@
 drives the local director (real PostgreSQL VMs) and Consul; `pgbosh switchover demo
 --to <replica>` (a process) moves the primary while a writer commits through the
 Consul DNS name. No acknowledged commit is lost, writes pause a few seconds at most,
-and the old primary comes back as a replica."""
+and the old primary comes back as a replica. Without --to, the operator picks a
+replica itself, with the same guarantees."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import ROOT, eventually, kubectl
-from world import dig, local_world
+from world import World, dig, local_world
 
 from controller.kube.client import KubeClient, resource_path
 
@@ -67,44 +68,64 @@ class Writer(threading.Thread):
         return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
+async def published_cluster(kube: KubeClient, world: World) -> dict[str, Any]:
+    """The cluster's status once it is Ready with one primary, two replicas and the
+    master record on the primary."""
+
+    async def primary_published() -> dict[str, Any] | None:
+        st = (await kube.get(f"{PATH}/demo")).get("status") or {}
+        primary = next((i for i in st.get("instances", []) if i["role"] == "primary"), None)
+        if st.get("phase") != "Ready" or st.get("readyInstances") != 3 or primary is None:
+            return None
+        replicas = [i for i in st["instances"] if i["role"] == "replica"]
+        if len(replicas) != 2 or await dig(world.consul.dns_port, MASTER) != [primary["address"]]:
+            return None
+        return st
+
+    st: dict[str, Any] = await eventually(primary_published, timeout=180, interval=0.5)
+    return st
+
+
+async def switchover_while_writing(
+    world: World, kubeconfig: str, creds: dict[str, str], primary_address: str, to: str | None
+) -> tuple[int | None, str, Writer]:
+    """A writer commits through the DNS name from 2 s before the CLI runs to 2 s after it returned."""
+    with connect(primary_address, creds) as conn:
+        conn.execute("CREATE TABLE switchover_writes (id bigint PRIMARY KEY)")
+    writer = Writer(world.consul.dns_port, creds["username"], creds["password"])
+    writer.start()
+    await asyncio.sleep(2)
+    code, out = await switchover_cli(kubeconfig, to)
+    await asyncio.sleep(2)
+    writer.stop_flag.set()
+    await asyncio.to_thread(writer.join, 15)
+    return code, out, writer
+
+
+def assert_no_write_lost(new_primary_address: str, creds: dict[str, str], writer: Writer) -> None:
+    with connect(new_primary_address, creds) as conn:
+        present = {int(r[0]) for r in conn.execute("SELECT id FROM switchover_writes").fetchall()}
+    acked = {seq for seq, _ in writer.acked}
+    assert acked, "the writer committed nothing"
+    assert acked - present == set(), "acknowledged commits lost"
+    gap = writer.longest_gap()
+    print(f"switchover: {len(acked)} commits, none lost, longest write pause {gap:.2f} s")
+    assert gap < 10, gap
+
+
 async def test_switchover_moves_the_primary_without_losing_writes(kube_api, kube: KubeClient) -> None:
     _, url, kubeconfig = kube_api
     async with local_world(url, resync=1.0) as world:
         code, _, err = await kubectl(kubeconfig, "apply", "-f", str(ROOT / "examples" / "cluster.yaml"))
         assert code == 0, err
-
-        async def primary_published() -> dict[str, Any] | None:
-            st = (await kube.get(f"{PATH}/demo")).get("status") or {}
-            primary = next((i for i in st.get("instances", []) if i["role"] == "primary"), None)
-            if st.get("phase") != "Ready" or st.get("readyInstances") != 3 or primary is None:
-                return None
-            replicas = [i for i in st["instances"] if i["role"] == "replica"]
-            if len(replicas) != 2 or await dig(world.consul.dns_port, MASTER) != [primary["address"]]:
-                return None
-            return st
-
-        st = await eventually(primary_published, timeout=180, interval=0.5)
+        st = await published_cluster(kube, world)
         old = next(i for i in st["instances"] if i["role"] == "primary")
         target = next(i for i in st["instances"] if i["role"] == "replica")
         creds = await kube.get_secret("default", "demo-pgbosh-credentials")
-        with connect(old["address"], creds) as conn:
-            conn.execute("CREATE TABLE switchover_writes (id bigint PRIMARY KEY)")
-        writer = Writer(world.consul.dns_port, creds["username"], creds["password"])
-        writer.start()
-        await asyncio.sleep(2)
-        code, out = await switchover_cli(kubeconfig, target["name"])
-        await asyncio.sleep(2)
-        writer.stop_flag.set()
-        await asyncio.to_thread(writer.join, 15)
+        code, out, writer = await switchover_while_writing(world, kubeconfig, creds, old["address"], target["name"])
         assert code == 0, out
         assert await dig(world.consul.dns_port, MASTER) == [target["address"]]
-        with connect(target["address"], creds) as conn:
-            present = {int(r[0]) for r in conn.execute("SELECT id FROM switchover_writes").fetchall()}
-        acked = {seq for seq, _ in writer.acked}
-        assert acked - present == set(), "acknowledged commits lost"
-        gap = writer.longest_gap()
-        print(f"switchover: {len(acked)} commits, none lost, longest write pause {gap:.2f} s")
-        assert gap < 10, gap
+        assert_no_write_lost(target["address"], creds, writer)
 
         async def old_is_replica() -> bool:
             st = (await kube.get(f"{PATH}/demo")).get("status") or {}
@@ -124,21 +145,45 @@ async def test_switchover_moves_the_primary_without_losing_writes(kube_api, kube
         assert await dig(world.consul.dns_port, MASTER) == [target["address"]]
 
 
+async def test_switchover_without_to_promotes_a_replica_without_losing_writes(kube_api, kube: KubeClient) -> None:
+    """`pgbosh switchover demo` with no --to: the operator picks the healthy standby
+    with the least lag; one of the two replicas becomes the primary. (The old primary's
+    return as a replica is the same code path as with --to, checked above.)"""
+    _, url, kubeconfig = kube_api
+    async with local_world(url, resync=1.0) as world:
+        code, _, err = await kubectl(kubeconfig, "apply", "-f", str(ROOT / "examples" / "cluster.yaml"))
+        assert code == 0, err
+        st = await published_cluster(kube, world)
+        old = next(i for i in st["instances"] if i["role"] == "primary")
+        replicas = {i["name"]: i["address"] for i in st["instances"] if i["role"] == "replica"}
+        creds = await kube.get_secret("default", "demo-pgbosh-credentials")
+        code, out, writer = await switchover_while_writing(world, kubeconfig, creds, old["address"], None)
+        assert code == 0, out
+        st = (await kube.get(f"{PATH}/demo")).get("status") or {}
+        new = st.get("currentPrimary")
+        assert new in replicas, (new, replicas, out)
+        print(f"switchover without --to: {old['name']} -> {new} (replicas were {sorted(replicas)})")
+        assert await dig(world.consul.dns_port, MASTER) == [replicas[new]]
+        with connect(replicas[new], creds) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+        assert_no_write_lost(replicas[new], creds, writer)
+
+
 def connect(address: str, creds: dict[str, str]) -> psycopg.Connection[Any]:
     return psycopg.connect(
         host=address, user=creds["username"], password=creds["password"], dbname="postgres", autocommit=True
     )
 
 
-async def switchover_cli(kubeconfig: str, to: str) -> tuple[int | None, str]:
+async def switchover_cli(kubeconfig: str, to: str | None) -> tuple[int | None, str]:
+    """`pgbosh switchover demo [--to <to>]` as a process."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "controller",
         "switchover",
         "demo",
-        "--to",
-        to,
+        *(["--to", to] if to is not None else []),
         "--kubeconfig",
         kubeconfig,
         "--timeout",
