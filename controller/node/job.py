@@ -18,9 +18,10 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from controller.node.config import AgentConfig, Peer, PostgresJobProperties
 from controller.node.hooks import HookEvent, HookEvents, install_hooks, publish_promotion
@@ -38,7 +39,7 @@ from controller.node.pgconf import (
     render_repmgr_conf,
 )
 from controller.node.processes import PostgresServer, RepmgrDaemon
-from controller.node.rejoin import clone_pending_marker, move_aside, rewind
+from controller.node.rejoin import clone_pending_marker, former_data_dir, move_aside, rewind
 from controller.node.runas import CommandFailed, RunAs
 from controller.node.supervisor import Backoff, ProcessState, Supervisor
 
@@ -48,6 +49,9 @@ PEER_CONNECT_TIMEOUT = 2
 PRIMARY_WAIT_POLL = 1.0
 # A former primary waits this long for some peer to answer before it starts alone.
 FORMER_PRIMARY_PEER_WAIT = 30.0
+# The bootstrap instance waits this long for peers that do not answer at all (their
+# host is silent, not refusing) before it initdb's a new cluster.
+BOOTSTRAP_PEER_WAIT = 30.0
 PROVISION_RETRY_MAX = 30.0
 SYNC_NAMES_POLL = 5.0
 # The isolation guard on the primary checks its peers this often.
@@ -68,17 +72,69 @@ class ProvisioningRefused(Exception):
 
 
 def plan_provisioning(
-    *, bootstrap: bool, initialized: bool, provisioned: bool, clone_pending: bool = False
+    *,
+    bootstrap: bool,
+    initialized: bool,
+    provisioned: bool,
+    clone_pending: bool = False,
+    former_data_aside: bool = False,
+    peers_have_cluster: bool = False,
 ) -> Provisioning:
-    """`clone_pending`: a rejoin moved this disk's data aside and its clone has not
-    completed (controller/node/rejoin.py); the disk belonged to a running cluster, so
-    even the bootstrap instance must never initdb it into a new, empty primary."""
+    """What to do with this disk's data directory.
+
+    The bootstrap instance initdb's only a disk that never belonged to a cluster, in a
+    deployment none of whose peers has one. Evidence on the disk that it did belong
+    to one: `clone_pending` (a rejoin moved the data aside, or a clone started and has
+    not completed: controller/node/rejoin.py), the provisioned marker without a data
+    directory (the data is gone, the marker is not), a former primary's data moved
+    aside. `peers_have_cluster`: a peer runs PostgreSQL (see judge_bootstrap), so the
+    disk was replaced or wiped while the cluster lives on. Either way the node is
+    cloned from the current primary: an initdb would make a second, empty, writable
+    primary beside it."""
     if provisioned and initialized:
         return Provisioning.REUSE
-    if bootstrap and not clone_pending:
+    disk_was_in_cluster = clone_pending or provisioned or former_data_aside
+    if bootstrap and not disk_was_in_cluster and not peers_have_cluster:
         return Provisioning.FINISH_BOOTSTRAP if initialized else Provisioning.BOOTSTRAP
     # A standby whose clone or registration did not finish: clone again from scratch.
     return Provisioning.CLONE
+
+
+class PeerPresence(enum.Enum):
+    SERVER = "server"  # PostgreSQL answers (accepting or rejecting connections): it has a data directory
+    NO_SERVER = "no-server"  # the host refuses the port: its VM is there, PostgreSQL is not (yet)
+    SILENT = "silent"  # no answer at all: the VM is away or the network is cut
+
+
+@dataclass(frozen=True)
+class BootstrapVerdict:
+    bootstrap: bool
+    wait: bool = False
+    reason: str = ""
+
+
+def judge_bootstrap(peers: list[tuple[Peer, PeerPresence]], *, waited_enough: bool) -> BootstrapVerdict:
+    """May the bootstrap instance initdb a new cluster on its empty disk?
+
+    Not when a peer runs PostgreSQL: a non-bootstrap instance only ever starts
+    PostgreSQL on data cloned from a primary, so the cluster exists and this disk is
+    a replaced or wiped one. On a new deployment every peer's host is there and
+    refuses the port (its job waits for a registered primary): bootstrap at once. A
+    peer whose host does not answer at all may be a running cluster member behind a
+    slow or cut network: wait for it, up to BOOTSTRAP_PEER_WAIT, before initdb."""
+    for peer, presence in peers:
+        if presence is PeerPresence.SERVER:
+            return BootstrapVerdict(
+                bootstrap=False,
+                reason=f"{peer.address} (index {peer.index}) runs PostgreSQL: the cluster exists",
+            )
+    silent = [peer for peer, presence in peers if presence is PeerPresence.SILENT]
+    if silent and not waited_enough:
+        names = ", ".join(f"{peer.address} (index {peer.index})" for peer in silent)
+        return BootstrapVerdict(bootstrap=False, wait=True, reason=f"no answer yet from {names}")
+    if silent:
+        return BootstrapVerdict(bootstrap=True, reason=f"{len(silent)} peer(s) never answered; no peer has a cluster")
+    return BootstrapVerdict(bootstrap=True, reason="no peer runs PostgreSQL: a new cluster")
 
 
 @dataclass(frozen=True)
@@ -243,13 +299,18 @@ class PostgresJob:
     async def _provision_and_start(self) -> None:
         self._prepare_directories()
         await self._stop_orphan_postmaster()
-        plan = plan_provisioning(
-            bootstrap=self.config.bootstrap,
-            initialized=self.layout.data_dir_initialized(),
-            provisioned=self.layout.provisioned_marker.exists(),
-            clone_pending=clone_pending_marker(self.layout).exists(),
-        )
+        plan = self._plan()
+        if plan in (Provisioning.BOOTSTRAP, Provisioning.FINISH_BOOTSTRAP) and await self._peers_have_cluster():
+            plan = self._plan(peers_have_cluster=True)
         log.info("provisioning plan: %s", plan.value)
+        if plan is Provisioning.CLONE:
+            # From here until the clone is registered this disk is clone-only: a retry,
+            # or an agent restarted meanwhile, never initdb's it (peers may all be
+            # down by then), and a clone interrupted half way is never started as a
+            # bootstrap that is "finished".
+            marker = clone_pending_marker(self.layout)
+            if not marker.exists():
+                marker.write_text("a clone from the current primary is pending\n")
         if plan is Provisioning.BOOTSTRAP:
             self._wipe_data_dir()
             await self._initdb()
@@ -288,6 +349,17 @@ class PostgresJob:
         self.supervisors[1].start()
         await self.supervisors[1].wait_running(30)
         log.info("job postgres running")
+
+    def _plan(self, *, peers_have_cluster: bool = False) -> Provisioning:
+        layout = self.layout
+        return plan_provisioning(
+            bootstrap=self.config.bootstrap,
+            initialized=layout.data_dir_initialized(),
+            provisioned=layout.provisioned_marker.exists(),
+            clone_pending=clone_pending_marker(layout).exists(),
+            former_data_aside=former_data_dir(layout).exists(),
+            peers_have_cluster=peers_have_cluster,
+        )
 
     async def _stop_orphan_postmaster(self) -> None:
         """A postmaster we did not start still runs on this disk (an agent killed
@@ -466,6 +538,45 @@ class PostgresJob:
         except psycopg.Error:
             return None
 
+    async def _peer_presence(self, peer: Peer) -> PeerPresence:
+        """Does the peer run PostgreSQL? PQping needs no login: a server that is
+        starting, in recovery or shutting down answers REJECT, which counts too."""
+        conninfo = psycopg.conninfo.make_conninfo(
+            host=peer.address,
+            port=self.props.postgres.port,
+            user=REPMGR_USER,
+            dbname=REPMGR_DATABASE,
+            connect_timeout=PEER_CONNECT_TIMEOUT,
+        )
+        answer = pq.Ping(await asyncio.to_thread(pq.PGconn.ping, conninfo.encode()))
+        if answer in (pq.Ping.OK, pq.Ping.REJECT):
+            return PeerPresence.SERVER
+        # No server answered: a refused port is a host without PostgreSQL; an open
+        # one (a server starting this instant) or a silent host is not known yet.
+        return PeerPresence.NO_SERVER if await self._tcp_answer(peer) == "refused" else PeerPresence.SILENT
+
+    async def _peers_have_cluster(self) -> bool:
+        """Before the bootstrap instance initdb's: does any peer have the cluster
+        already (judge_bootstrap)? Peers that do not answer at all are asked again
+        every PRIMARY_WAIT_POLL seconds for up to BOOTSTRAP_PEER_WAIT."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BOOTSTRAP_PEER_WAIT
+        logged = False
+        while True:
+            peers = self.current_peers()
+            presences = await asyncio.gather(*(self._peer_presence(peer) for peer in peers))
+            verdict = judge_bootstrap(list(zip(peers, presences, strict=True)), waited_enough=loop.time() > deadline)
+            if not verdict.wait:
+                if verdict.bootstrap:
+                    log.info("bootstrap instance with an empty disk: %s", verdict.reason)
+                else:
+                    log.warning("bootstrap instance with an empty disk, but %s: cloning, not initdb", verdict.reason)
+                return not verdict.bootstrap
+            if not logged:
+                log.warning("bootstrap instance with an empty disk: %s; waiting before initdb", verdict.reason)
+                logged = True
+            await asyncio.sleep(PRIMARY_WAIT_POLL)
+
     async def find_primary_peer(self, *, registered: bool) -> Peer | None:
         """A writable peer; with `registered`, only one repmgr already knows as primary
         (a standby registers against that record)."""
@@ -563,6 +674,10 @@ class PostgresJob:
     async def _peer_reachable(self, peer: Peer) -> bool:
         """The peer's host answers on the network from this node's address (a refused
         connection is an answer too: its VM is there, its postgres is not)."""
+        return await self._tcp_answer(peer) != "silent"
+
+    async def _tcp_answer(self, peer: Peer) -> Literal["open", "refused", "silent"]:
+        """A TCP connection from this node's address to the peer's PostgreSQL port."""
         try:
             _, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -571,13 +686,13 @@ class PostgresJob:
                 ISOLATION_CONNECT_TIMEOUT,
             )
         except ConnectionRefusedError:
-            return True
+            return "refused"
         except (OSError, TimeoutError):
-            return False
+            return "silent"
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-        return True
+        return "open"
 
     async def _guard_isolation(self) -> None:
         """A primary cut off from the majority of its instance group stops postgres

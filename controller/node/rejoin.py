@@ -11,7 +11,9 @@
    written before the move) says that this disk may only be cloned until a clone has
    completed: if the clone fails too (the primary is away, it has no free slot...),
    the job's retry finds an empty data directory, and without the marker the
-   bootstrap instance would initdb a second, empty primary.
+   bootstrap instance would initdb a second, empty primary. The job writes the same
+   marker before every clone (controller/node/job.py), so that an interrupted clone
+   is cloned again, never initdb'd or started as a half-done bootstrap.
 """
 
 from __future__ import annotations
@@ -35,8 +37,14 @@ CLONE_PENDING = "pgbosh-clone-pending"
 
 
 def clone_pending_marker(layout: NodeLayout) -> Path:
-    """Present from a rejoin's fallback until the clone that replaces the data is done."""
+    """Present from a rejoin's fallback, or the start of any clone, until the clone is
+    done and registered: the disk belongs to a cluster that exists."""
     return layout.postgres_root / CLONE_PENDING
+
+
+def former_data_dir(layout: NodeLayout) -> Path:
+    """Where move_aside keeps the former primary's data directory."""
+    return layout.data_dir.with_name(layout.data_dir.name + ASIDE_SUFFIX)
 
 
 def primary_conninfo(primary: Peer, props: PostgresJobProperties) -> str:
@@ -127,7 +135,7 @@ def move_aside(layout: NodeLayout, reason: str) -> None:
     mark the disk clone-only first (see the module's docstring)."""
     marker = clone_pending_marker(layout)
     marker.write_text(f"the data directory was moved aside: {reason}\n")
-    aside = layout.data_dir.with_name(layout.data_dir.name + ASIDE_SUFFIX)
+    aside = former_data_dir(layout)
     if aside.exists():
         shutil.rmtree(aside)
     if layout.data_dir.exists():
@@ -140,6 +148,7 @@ __all__ = [
     "clone_pending_marker",
     "cluster_state",
     "finish_crash_recovery",
+    "former_data_dir",
     "move_aside",
     "rewind",
 ]

@@ -9,7 +9,14 @@ import pytest
 
 from controller.node.agent import _current_peers
 from controller.node.config import AgentConfig, ConfigError, Peer, PostgresJobProperties, load_agent_config
-from controller.node.job import PeerRole, Provisioning, judge_former_primary, plan_provisioning
+from controller.node.job import (
+    PeerPresence,
+    PeerRole,
+    Provisioning,
+    judge_bootstrap,
+    judge_former_primary,
+    plan_provisioning,
+)
 from controller.node.layout import NodeLayout
 from controller.node.pgconf import (
     render_pg_hba,
@@ -145,6 +152,8 @@ def test_unknown_job_is_refused(tmp_path: Path) -> None:
         (False, True, False, Provisioning.CLONE),
         (False, True, True, Provisioning.REUSE),
         (False, False, True, Provisioning.CLONE),
+        # The marker outlived the data: the disk belonged to a cluster.
+        (True, False, True, Provisioning.CLONE),
     ],
 )
 def test_provisioning_plan(bootstrap: bool, initialized: bool, provisioned: bool, plan: Provisioning) -> None:
@@ -168,6 +177,64 @@ def test_a_disk_whose_rejoin_clone_is_pending_is_never_bootstrapped(
         plan_provisioning(bootstrap=True, initialized=initialized, provisioned=provisioned, clone_pending=True)
         is plan
     )
+
+
+@pytest.mark.parametrize("initialized", [False, True], ids=["empty", "initdb-done"])
+def test_bootstrap_instance_clones_when_a_peer_has_the_cluster(initialized: bool) -> None:
+    """A replaced or wiped disk on instance 0 while its peers run the cluster
+    (tests/node/test_replaced_disk.py): clone, never a second, empty primary."""
+    assert (
+        plan_provisioning(bootstrap=True, initialized=initialized, provisioned=False, peers_have_cluster=True)
+        is Provisioning.CLONE
+    )
+    # A provisioned disk is started as it is; the former-primary checks take over.
+    assert (
+        plan_provisioning(bootstrap=True, initialized=True, provisioned=True, peers_have_cluster=True)
+        is Provisioning.REUSE
+    )
+
+
+@pytest.mark.parametrize(
+    ("provisioned", "former_data_aside"),
+    [(True, False), (False, True), (True, True)],
+    ids=["provisioned-marker", "former-primary-aside", "both"],
+)
+def test_a_disk_that_belonged_to_a_cluster_is_never_bootstrapped(provisioned: bool, former_data_aside: bool) -> None:
+    """The data directory is gone but the disk remembers a cluster: clone (and wait for
+    a primary, however long) even when no peer answers right now."""
+    plan = plan_provisioning(
+        bootstrap=True, initialized=False, provisioned=provisioned, former_data_aside=former_data_aside
+    )
+    assert plan is Provisioning.CLONE
+
+
+def _peer(index: int) -> Peer:
+    return Peer(index=index, id=f"n{index}", address=f"127.1.0.{10 + index}")
+
+
+def test_bootstrap_of_a_new_deployment_is_not_delayed() -> None:
+    """All VMs start at once: the peers' hosts refuse the port (their jobs wait for a
+    registered primary), and instance 0 initdb's at once."""
+    peers = [(_peer(1), PeerPresence.NO_SERVER), (_peer(2), PeerPresence.NO_SERVER)]
+    verdict = judge_bootstrap(peers, waited_enough=False)
+    assert verdict.bootstrap and not verdict.wait
+    assert judge_bootstrap([], waited_enough=False).bootstrap  # a single instance
+
+
+@pytest.mark.parametrize("others", [PeerPresence.NO_SERVER, PeerPresence.SILENT])
+def test_bootstrap_refused_when_any_peer_runs_postgres(others: PeerPresence) -> None:
+    # A standby (with data, maybe electing a new primary right now) is enough.
+    verdict = judge_bootstrap([(_peer(1), others), (_peer(2), PeerPresence.SERVER)], waited_enough=True)
+    assert not verdict.bootstrap and not verdict.wait
+    assert "127.1.0.12 (index 2) runs PostgreSQL" in verdict.reason
+
+
+def test_bootstrap_waits_for_a_silent_peer_then_goes_ahead() -> None:
+    peers = [(_peer(1), PeerPresence.NO_SERVER), (_peer(2), PeerPresence.SILENT)]
+    waiting = judge_bootstrap(peers, waited_enough=False)
+    assert waiting.wait and not waiting.bootstrap
+    assert "127.1.0.12 (index 2)" in waiting.reason
+    assert judge_bootstrap(peers, waited_enough=True).bootstrap
 
 
 def test_vm_dir_too_long_for_unix_sockets_is_refused(tmp_path: Path) -> None:
