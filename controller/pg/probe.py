@@ -13,6 +13,11 @@ import psycopg
 
 from controller.pg.types import NodeProbe, NodeState
 
+# The operator's rule for the primary, shared so that lag is measured against the node
+# it publishes and fences for. The planner imports only controller.pg.types from this
+# package: it must never import this module (that would be a cycle).
+from controller.reconcile.planner import choose_primary
+
 CONNECT_TIMEOUT_SECONDS = 2
 STATEMENT_TIMEOUT_MS = 2000
 
@@ -77,11 +82,16 @@ def _describe(exc: psycopg.Error) -> str:
 
 
 def with_lag(nodes: list[NodeState]) -> list[NodeState]:
-    """Lag of each standby behind the most advanced writable node, in bytes of WAL."""
-    primaries = [n.current_lsn for n in nodes if n.writable and n.current_lsn is not None]
-    if not primaries:
+    """Lag of each standby behind the primary, in bytes of WAL.
+
+    The primary is the one `choose_primary` picks (the writable node on the highest
+    timeline), not the writable node with the highest LSN: a stale former primary on
+    an older timeline may have written further, and the lag shown must be the lag
+    behind the node the operator publishes as the primary."""
+    primary = choose_primary(nodes)
+    if primary is None or primary.current_lsn is None:
         return nodes
-    head = max(primaries)
+    head = primary.current_lsn
     out = []
     for node in nodes:
         if node.reachable and node.in_recovery:
