@@ -91,6 +91,8 @@ class RepmgrProperties(_Model):
     reconnect_interval: int = Field(default=10, ge=1)
     failover: Literal["automatic", "manual"] = "automatic"
     priority_by_index: bool = True
+    # repmgr's own setting; see pgconf.render_repmgr_conf for why false is the default.
+    primary_visibility_consensus: bool = False
 
 
 class ConsulProperties(_Model):

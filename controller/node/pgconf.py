@@ -195,14 +195,18 @@ def render_repmgr_conf(config: AgentConfig, job: PostgresJobProperties, layout: 
         # max_connections) still answers; 'connection' and 'query' would turn load
         # into false failovers.
         ("connection_check_type", "ping"),
-        # repmgr's default (false), kept on purpose. With 1 s monitoring "true"
-        # cancelled elections ("cancelling failover as some nodes can still see the
-        # primary") because a sibling had seen the dead primary within the last
-        # second: tests/ha/test_node_loss.py with "true" had no new primary within
-        # 30 s in 2 of 3 runs (the third: 2.3 s). Split-brain protection comes instead from
+        # Job property repmgr.primary_visibility_consensus, default false (repmgr's
+        # default too). With 1 s monitoring "true" cancelled elections ("cancelling
+        # failover as some nodes can still see the primary") because a sibling had
+        # seen the dead primary within the last second: tests/ha/test_node_loss.py
+        # with "true" had no new primary within 30 s in 2 of 3 runs (the third:
+        # 2.3 s). Split-brain protection comes instead from repmgrd's majority rule,
         # the agent fencing an isolated primary, sync mode's quorum commit, and the
-        # operator fencing a second writable node (docs/local-world.md).
-        ("primary_visibility_consensus", "false"),
+        # operator fencing a second writable node (docs/local-world.md). "true" is
+        # there for clusters with slower monitoring (a monitor_interval_secs well
+        # above the time siblings need to notice the loss), where a standby that
+        # alone lost its primary then never promotes while others still see it.
+        ("primary_visibility_consensus", "true" if job.repmgr.primary_visibility_consensus else "false"),
         # Off (repmgr's default): with it every standby would first wait up to
         # sibling_nodes_disconnect_timeout for the others to drop their WAL
         # receivers; the primary is gone already, the LSN comparison is stable.

@@ -114,6 +114,19 @@ def test_repmgr_conf_is_per_node() -> None:
     assert SECRET not in text
 
 
+@pytest.mark.parametrize("consensus", [None, False, True], ids=["default", "false", "true"])
+def test_primary_visibility_consensus_is_a_job_property(consensus: bool | None) -> None:
+    data = agent_json()
+    if consensus is not None:
+        job = data["jobs"][0]  # type: ignore[index]
+        job["properties"]["repmgr"]["primary_visibility_consensus"] = consensus
+    config, job_props = parsed(data)
+    text = render_repmgr_conf(config, job_props, NodeLayout.for_config(config, 15))
+    expected = "true" if consensus else "false"
+    assert f"primary_visibility_consensus='{expected}'\n" in text
+    assert text.count("primary_visibility_consensus=") == 1
+
+
 def test_passwords_only_in_pgpass_escaped() -> None:
     config, job = parsed(agent_json())
     assert render_pgpass(job) == "*:5432:*:repmgr:s3cr'et\\:pw\n"
