@@ -315,7 +315,22 @@ async def gather(
         spec_errors = tuple(check_against_cloud_config(spec, cloud, rt.bosh))
         if spec_errors:
             mem.director_failures = 0
-            return Observed(**base, spec_errors=spec_errors, task=task, task_progress=progress), manifest
+            ha: dict[str, Any] = {}
+            running = status.last_deployed_generation is not None and (task is None or task.finished)
+            if running and status.credentials_secret:
+                # A running cluster edited into a spec that cannot work keeps its high
+                # availability: the nodes are still observed, Consul follows the primary and a
+                # second writer is still fenced. Only the deploy waits for a valid spec.
+                _, credentials = await ensure_credentials(rt, namespace, name, body)
+                listed = tuple(await rt.director.instances(deployment))
+                probed = await _probe_nodes(rt, status, listed, credentials)
+                ha = {
+                    "instances": listed,
+                    "nodes": tuple(probed) if probed is not None else None,
+                    "published": await _published(rt, service) if probed else None,
+                    "consul_service": service if rt.publisher is not None else None,
+                }
+            return Observed(**base, spec_errors=spec_errors, task=task, task_progress=progress, **ha), manifest
         template = _template(rt, mem, namespace, name, spec)
         desired_hash = _hash(template)
         idle = task is None or task.finished

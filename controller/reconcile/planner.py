@@ -209,7 +209,14 @@ def plan(spec: PostgresClusterSpec, observed: Observed) -> Plan:
     if observed.spec_errors:
         # Semantic errors change nothing else: no deployment name, Secret or deploy for a new
         # cluster, and an existing deployment is left exactly as it runs.
-        return _invalid_spec(b, "; ".join(observed.spec_errors))
+        invalid = _invalid_spec(b, "; ".join(observed.spec_errors))
+        if observed.instances is None:
+            return invalid
+        # Deployed already: the instances are still reported and the primary still
+        # followed (Consul, fencing), though nothing is deployed until the spec is fixed.
+        _observe_instances(b, spec, observed)
+        ha_actions, ha_requeue = _plan_primary(b, observed)
+        return b.plan(actions=ha_actions, requeue_after=ha_requeue)
     b.status.deployment = observed.deployment
     b.condition(COND_SPEC_VALID, "True", "Valid", "The spec fits the BOSH cloud config.")
 

@@ -273,3 +273,25 @@ def test_consul_follows_the_primary_even_while_a_task_runs() -> None:
     nodes = (standby_at(0, timeline=2), primary_at(1, timeline=2))
     result = plan(SPEC, settled(status=status, task=task, instances=None, nodes=nodes, published=Published((), ())))
     assert result.actions == [PublishPrimary("127.1.0.11", ("127.1.0.10",))]
+
+
+def test_an_invalid_edit_of_a_running_cluster_keeps_it_highly_available() -> None:
+    """vmType edited to one the cloud config lacks: nothing is deployed, but a failover that
+    happens meanwhile still moves Consul's record and fences the stale primary."""
+    status = PostgresClusterStatus.model_validate(
+        {"lastDeployedGeneration": 1, "phase": "Ready", "currentPrimary": "postgres/id-0", "deployment": "d"}
+    )
+    nodes = (primary_at(0, timeline=1, lsn=500), primary_at(1, timeline=2, lsn=900), standby_at(2, timeline=2))
+    published = Published((Member("127.1.0.10"),), (Member("127.1.0.11"), Member("127.1.0.12")))
+    errors = ("vmType 'huge' is not a vm_type",)
+    result = plan(SPEC, settled(status=status, nodes=nodes, published=published, spec_errors=errors))
+    assert not any(isinstance(a, Deploy) for a in result.actions)
+    assert Fence("id-0", "127.1.0.10") in result.actions
+    assert PublishPrimary("127.1.0.11", ("127.1.0.12",)) in result.actions
+    assert result.status.current_primary == "postgres/id-1"
+    assert result.status.deployment == "d"
+    assert cond(result.status, "Ready") == ("False", "InvalidSpec")
+    assert {"InvalidSpec", "Fenced", "PrimaryChanged"} <= {e.reason for e in result.events}
+    # Without an observation (a new cluster), only the condition is written.
+    fresh = plan(SPEC, observed(spec_errors=errors))
+    assert fresh.actions == [] and fresh.status.instances == []
