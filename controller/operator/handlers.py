@@ -1,7 +1,8 @@
 """kopf handlers: thin. They wake the cluster's reconcile loop or run delete steps.
 
 - create/update/resume: wake the cluster's loop so that the change is acted on at once
-  (a spec that cannot work is reported by the loop as Ready=False, InvalidSpec).
+  (a spec that cannot work is reported by the loop as Ready=False, InvalidSpec, and the
+  handler fails with kopf.PermanentError: retrying the same spec cannot help).
 - a daemon per cluster: the level-triggered loop (reconcile, then sleep until
   the plan's requeue time, the resync period, or a wake-up).
 - delete (with kopf's finalizer): delete steps until the deployment is gone.
@@ -14,11 +15,13 @@ import logging
 from typing import Any, cast
 
 import kopf
+from pydantic import ValidationError
 
 from controller.api import models
+from controller.api.models import PostgresClusterSpec
 from controller.bosh.client import BoshError
 from controller.kube.client import KubeError
-from controller.operator.reconcile import Runtime, reconcile_once
+from controller.operator.reconcile import Runtime, describe_spec_error, reconcile_once
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,15 @@ def _wake(uid: str) -> None:
 @kopf.on.update(*RESOURCE, field="spec")
 @kopf.on.update(*RESOURCE, field=("metadata", "annotations", "pgbosh.dev/redeploy"))
 @kopf.on.resume(*RESOURCE)
-async def spec_changed(uid: str, **_: Any) -> None:
-    # A spec that does not parse is reported by the cluster's loop (Ready=False, InvalidSpec,
-    # a Warning Event) and waits for the next change: no handler failure for kopf to retry.
+async def spec_changed(uid: str, spec: Any, **_: Any) -> None:
     _wake(uid)
+    # A spec that cannot work (it got past admission, e.g. stored before the CRD changed) is
+    # reported by the cluster's loop (Ready=False, InvalidSpec, a Warning Event), which then
+    # waits for the next change. For kopf this change failed for good: no retry.
+    try:
+        PostgresClusterSpec.model_validate(dict(spec or {}))
+    except ValidationError as exc:
+        raise kopf.PermanentError(f"the spec cannot work: {describe_spec_error(exc)}") from None
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)

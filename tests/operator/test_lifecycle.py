@@ -232,7 +232,7 @@ async def test_a_ready_cluster_edited_to_an_unknown_vm_type_keeps_its_deployment
         assert director.count("deploy") == 1 and director.deployments == manifests
 
 
-async def test_a_stored_spec_that_does_not_parse_is_reported_not_retried(kube_api, kube, director):
+async def test_a_stored_spec_that_does_not_parse_is_reported_not_retried(kube_api, kube, director, caplog):
     api, url, _ = kube_api
     # Stored before the CRD refused reserved parameters: admission never saw it (and ratchets
     # the rule on an unchanged value, as the API server does), the operator's model refuses it.
@@ -254,6 +254,9 @@ async def test_a_stored_spec_that_does_not_parse_is_reported_not_retried(kube_ap
         await asyncio.sleep(2)
         assert _reads_of(api, "demo") - reads <= 15
         assert len(await _events_with_reason(kube, "InvalidSpec")) == 1
+        # kopf was told the change cannot work (PermanentError): its handler ran once, not retried.
+        permanent = [r.getMessage() for r in caplog.records if "failed permanently" in r.getMessage()]
+        assert len(permanent) == 1 and "the spec cannot work: spec.parameters" in permanent[0], permanent
         assert director.calls == [] and director.deployments == {}
         assert "deployment" not in status and "credentialsSecret" not in status
         assert await kube.list(core_path("secrets", "default")) == []
