@@ -235,6 +235,25 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error})")
 
 
+def role(node: Node) -> str | None:
+    """The role the node's agent reports (None: the agent does not answer)."""
+    status = node.status()
+    return None if status is None else str(status["role"])
+
+
+def notes(node: Node) -> set[str]:
+    """The rows of the tests' `notes` table on this node."""
+    with node.connect() as conn:
+        return {str(row[0]) for row in conn.execute("SELECT note FROM notes").fetchall()}
+
+
+def streaming_from(node: Node) -> list[str]:
+    """application_name of every standby streaming from this node."""
+    with node.connect("postgres") as conn:
+        rows = conn.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'").fetchall()
+    return [str(row[0]) for row in rows]
+
+
 def job_running(node: Node) -> bool:
     return (node.status() or {}).get("job_state") == "running"
 

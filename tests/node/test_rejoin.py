@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from .cluster import Node, agent_log_tail, job_running, running_cluster, wait_for
+from .cluster import Node, agent_log_tail, job_running, notes, role, running_cluster, streaming_from, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,22 +41,6 @@ def cluster() -> Iterator[list[Node]]:
     # part of the story; the rejoin path is the same.
     with running_cluster(2, FAST_DETECTION, parameters=SMALL_WAL_RETENTION) as nodes:
         yield nodes
-
-
-def role(node: Node) -> str | None:
-    status = node.status()
-    return None if status is None else str(status["role"])
-
-
-def notes(node: Node) -> set[str]:
-    with node.connect() as conn:
-        return {str(row[0]) for row in conn.execute("SELECT note FROM notes").fetchall()}
-
-
-def streaming_from(node: Node) -> list[str]:
-    with node.connect("postgres") as conn:
-        rows = conn.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'").fetchall()
-    return [str(row[0]) for row in rows]
 
 
 def wal_receiver(node: Node) -> tuple[Any, ...] | None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from .cluster import Node, agent_log_tail, job_running, running_cluster, wait_for
+from .cluster import Node, agent_log_tail, job_running, notes, role, running_cluster, streaming_from, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -81,22 +81,6 @@ class WriterWatch:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(10)
-
-
-def role(node: Node) -> str | None:
-    status = node.status()
-    return None if status is None else str(status["role"])
-
-
-def notes(node: Node) -> set[str]:
-    with node.connect() as conn:
-        return {str(row[0]) for row in conn.execute("SELECT note FROM notes").fetchall()}
-
-
-def streaming_from(node: Node) -> list[str]:
-    with node.connect("postgres") as conn:
-        rows = conn.execute("SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'").fetchall()
-    return [str(row[0]) for row in rows]
 
 
 def test_bootstrap_instance_on_a_replaced_disk_clones_from_the_current_primary(cluster: list[Node]) -> None:
