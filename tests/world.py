@@ -27,6 +27,9 @@ async def local_director(resurrection_delay: float = 1.0) -> AsyncIterator[Local
     await director.start()
     try:
         yield director
+    except BaseException:
+        _keep_vm_logs(base)
+        raise
     finally:
         await director.stop(stop_vms=True)
         engine = director.engine
@@ -39,6 +42,18 @@ async def local_director(resurrection_delay: float = 1.0) -> AsyncIterator[Local
                     grace=2,
                 )
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _keep_vm_logs(base: Path) -> None:
+    """A failed test's VMs are removed with their logs: keep the agents', PostgreSQL's and
+    repmgr's logs (no data, no secrets: the agents never log them) for the post-mortem."""
+    kept = Path(tempfile.gettempdir()) / f"pgbosh-failed-{base.name}"
+    for vm in base.glob("vms/vms/*"):
+        target = kept / vm.name
+        target.mkdir(parents=True, exist_ok=True)
+        for log in [*vm.glob("*.log"), *vm.glob("log/*.log")]:
+            shutil.copy2(log, target / log.name)
+    print(f"VM logs of the failed test kept in {kept}")
 
 
 @dataclass
