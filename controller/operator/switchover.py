@@ -3,9 +3,9 @@
 
 The operator cannot log in to VMs; it works through the Director and PostgreSQL:
 
-1. On the primary, the target's repmgr priority is raised (repmgr.nodes is replicated,
-   so every standby's repmgrd sees it); the operator waits until the target has
-   replayed that change.
+1. On the primary, the target's repmgr priority is raised and every other standby's
+   lowered (election_priorities says why both); repmgr.nodes is replicated, and the
+   operator waits until every standby has replayed the change.
 2. The primary's job is stopped through the Director. The agent drains it: repmgrd
    first, then PostgreSQL with a fast shutdown, which sends every WAL record to the
    connected standbys and waits for them to flush it before it exits: no
@@ -66,7 +66,7 @@ def pick_target(
     if target in ("", "any"):
         if not standbys:
             raise SwitchoverError("no healthy standby to switch over to")
-        best = min(standbys, key=lambda n: (n.lag_bytes if n.lag_bytes is not None else 1 << 62))
+        best = min(standbys, key=lambda n: n.lag_bytes if n.lag_bytes is not None else 1 << 62)
         return by_address[best.address], best
     for node in standbys:
         inst = by_address[node.address]
@@ -76,6 +76,67 @@ def pick_target(
     if any(target in (i.name, i.id, f"{i.job_name}/{i.index}") for i in current):
         raise SwitchoverError(f"{target} is the primary already")
     raise SwitchoverError(f"{target} is not a healthy standby of this cluster")
+
+
+def election_priorities(original: dict[str, int], target: str, label: str) -> dict[str, int]:
+    """repmgr.nodes priorities of the standbys that make repmgrd elect `target` once the
+    primary stops.
+
+    repmgrd compares candidates by received LSN first, then by priority. It reads its
+    siblings' priorities from repmgr.nodes, but its own is the one it loaded when it
+    started. Raising the target's row alone is not enough: a standby whose own priority
+    is above the target's loaded one sees the target win (from the table) while the
+    target sees that standby win (from the table too), and each waits for the other's
+    promotion: no primary at all (seen: "no notification received from new primary").
+    So every other standby is set to 1, below the target's loaded priority and above 0:
+    0 would take it out of the election altogether, and a standby that received more WAL
+    must still win on every node (the LSN comparison is the same everywhere)."""
+    own = original[target]
+    if own < 2:
+        raise SwitchoverError(f"{label} has repmgr priority {own}: a switchover needs 2 or more (0 never promotes)")
+    return {name: (TARGET_PRIORITY if name == target else 1) for name in original}
+
+
+async def _wait_replayed(address: str, port: int, user: str, password: str, lsn: str) -> None:
+    async with await _connect(address, port, user, password) as conn:
+        deadline = time.monotonic() + REPLAY_TIMEOUT
+        while True:
+            done = await (await conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))).fetchone()
+            if done and done[0]:
+                return
+            if time.monotonic() > deadline:
+                raise SwitchoverError(f"the standby at {address} did not replay {lsn} in {REPLAY_TIMEOUT:.0f} s")
+            await asyncio.sleep(0.1)
+
+
+async def _wait_repmgrd(new: Instance, port: int, user: str, password: str) -> None:
+    """Only a running, unpaused repmgrd on the target promotes it once the primary stops
+    (right after provisioning it may not have started yet): checked before stopping anything."""
+    async with await _connect(new.ips[0], port, user, password) as conn:
+        deadline = time.monotonic() + REPMGRD_TIMEOUT
+        while True:
+            row = await (
+                await conn.execute("SELECT repmgr.repmgrd_is_running() AND NOT repmgr.repmgrd_is_paused()")
+            ).fetchone()
+            if row and row[0]:
+                return
+            if time.monotonic() > deadline:
+                raise SwitchoverError(
+                    f"repmgrd is not monitoring on {new.name} after {REPMGRD_TIMEOUT:.0f} s: nothing was stopped"
+                )
+            await asyncio.sleep(0.2)
+
+
+async def _restore_priorities(address: str, port: int, user: str, password: str, original: dict[str, int]) -> bool:
+    """The standbys' own priorities back, written on the writable node at `address`
+    (False: that node did not take them)."""
+    try:
+        async with await _connect(address, port, user, password) as conn:
+            for name, priority in original.items():
+                await conn.execute("UPDATE repmgr.nodes SET priority = %s WHERE node_name = %s", (priority, name))
+    except psycopg.Error:
+        return False
+    return True
 
 
 async def _connect(address: str, port: int, user: str, password: str) -> psycopg.AsyncConnection[Any]:
@@ -127,43 +188,28 @@ async def perform_switchover(rt: Runtime, body: dict[str, Any], target: str) -> 
     new, _ = pick_target(target, instances, nodes, primary)
     log.info("switchover of %s: %s (%s) -> %s (%s)", meta["name"], old.name, primary.address, new.name, new.ips[0])
 
-    # 1. The target wins the election: raise its priority where repmgrd reads it.
+    # 1. The target wins the election: priorities in repmgr.nodes (election_priorities).
     async with await _connect(primary.address, port, user, password) as conn:
-        row = await (
-            await conn.execute("SELECT priority FROM repmgr.nodes WHERE node_name = %s", (new.id,))
-        ).fetchone()
-        if row is None:
+        rows = await (
+            await conn.execute("SELECT node_name, priority FROM repmgr.nodes WHERE active AND type = 'standby'")
+        ).fetchall()
+        original = {str(name): int(priority) for name, priority in rows}
+        if new.id not in original:
             raise SwitchoverError(f"{new.name} is not registered with repmgr")
-        original = int(row[0])
-        await conn.execute("UPDATE repmgr.nodes SET priority = %s WHERE node_name = %s", (TARGET_PRIORITY, new.id))
+        for name, priority in election_priorities(original, new.id, new.name).items():
+            await conn.execute("UPDATE repmgr.nodes SET priority = %s WHERE node_name = %s", (priority, name))
         lsn_row = await (await conn.execute("SELECT pg_current_wal_lsn()::text")).fetchone()
         assert lsn_row is not None
         lsn = str(lsn_row[0])
-    async with await _connect(new.ips[0], port, user, password) as conn:
-        deadline = time.monotonic() + REPLAY_TIMEOUT
-        while True:
-            done = await (
-                await conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,))
-            ).fetchone()
-            if done and done[0]:
-                break
-            if time.monotonic() > deadline:
-                raise SwitchoverError(f"{new.name} did not replay {lsn} in {REPLAY_TIMEOUT:.0f} s")
-            await asyncio.sleep(0.1)
-        # Only a running, unpaused repmgrd on the target promotes it once the primary stops
-        # (right after provisioning it may not have started yet): check before stopping anything.
-        deadline = time.monotonic() + REPMGRD_TIMEOUT
-        while True:
-            row = await (
-                await conn.execute("SELECT repmgr.repmgrd_is_running() AND NOT repmgr.repmgrd_is_paused()")
-            ).fetchone()
-            if row and row[0]:
-                break
-            if time.monotonic() > deadline:
-                raise SwitchoverError(
-                    f"repmgrd is not monitoring on {new.name} after {REPMGRD_TIMEOUT:.0f} s: nothing was stopped"
-                )
-            await asyncio.sleep(0.2)
+    try:
+        # Every standby's repmgrd reads its siblings' priorities from its own copy of
+        # repmgr.nodes: all of them must have replayed the change before the election.
+        standbys = [n.address for n in nodes if n.reachable and n.in_recovery]
+        await asyncio.gather(*(_wait_replayed(address, port, user, password, lsn) for address in standbys))
+        await _wait_repmgrd(new, port, user, password)
+    except BaseException:
+        await _restore_priorities(primary.address, port, user, password, original)
+        raise
 
     ctx = context_id(meta["uid"])
     try:
@@ -183,14 +229,10 @@ async def perform_switchover(rt: Runtime, body: dict[str, Any], target: str) -> 
             await asyncio.sleep(0.2)
         log.info("switchover of %s: %s is the primary", meta["name"], new.name)
     finally:
-        # 4. Restore the priority (wherever the primary is now) and bring the old primary back.
+        # 4. Restore the priorities (wherever the primary is now) and bring the old primary back.
         for address in [new.ips[0], primary.address]:
-            try:
-                async with await _connect(address, port, user, password) as conn:
-                    await conn.execute("UPDATE repmgr.nodes SET priority = %s WHERE node_name = %s", (original, new.id))
+            if await _restore_priorities(address, port, user, password, original):
                 break
-            except psycopg.Error:
-                continue
         task_id = await rt.director.change_job_state(
             deployment, rt.bosh.instance_group, old.id, "started", context_id=ctx
         )

@@ -21,6 +21,7 @@ from conftest import ROOT, eventually, kubectl
 from world import World, dig, local_world
 
 from controller.kube.client import KubeClient, resource_path
+from controller.operator.switchover import SwitchoverError, election_priorities
 
 from .harness import dns_a
 
@@ -121,7 +122,10 @@ async def test_switchover_moves_the_primary_without_losing_writes(kube_api, kube
         assert code == 0, err
         st = await published_cluster(kube, world)
         old = next(i for i in st["instances"] if i["role"] == "primary")
-        target = next(i for i in st["instances"] if i["role"] == "replica")
+        # The replica with the highest index has the lowest repmgr priority: the other
+        # standby outranks it, the case where raising the target's priority alone left
+        # both standbys waiting for each other's promotion.
+        target = [i for i in st["instances"] if i["role"] == "replica"][-1]
         creds = await kube.get_secret("default", "demo-pgbosh-credentials")
         code, out, writer = await switchover_while_writing(
             world, kubeconfig, creds, old["address"], target["name"], "writes_to"
@@ -191,3 +195,17 @@ async def switchover_cli(kubeconfig: str, to: str | None) -> tuple[int | None, s
     )
     out, _ = await proc.communicate()
     return proc.returncode, out.decode()
+
+
+def test_election_priorities_make_the_target_win_on_every_node() -> None:
+    """repmgrd ranks siblings by the table and itself by the priority it loaded at start:
+    with the target raised and the others at 1, every standby ranks the target first."""
+    loaded = {"a": 90, "b": 80, "c": 70}
+    for target in loaded:
+        table = election_priorities(loaded, target, f"postgres/{target}")
+        assert table[target] == 1000 and all(table[n] == 1 for n in loaded if n != target)
+        for node in loaded:  # node's view: its own loaded priority, the others' from the table
+            view = {n: (loaded[n] if n == node else table[n]) for n in loaded}
+            assert max(view, key=lambda n: view[n]) == target, (node, view)
+    with pytest.raises(SwitchoverError, match="postgres/x has repmgr priority 0"):
+        election_priorities({"x": 0, "y": 90}, "x", "postgres/x")
