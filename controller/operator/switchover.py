@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from controller.pg.probe import probe_all
-from controller.reconcile.planner import choose_primary
+from controller.pg.types import choose_primary
 
 if TYPE_CHECKING:
     from controller.bosh.types import Instance

@@ -11,12 +11,9 @@ from dataclasses import replace
 
 import psycopg
 
-from controller.pg.types import NodeProbe, NodeState
-
-# The operator's rule for the primary, shared so that lag is measured against the node
-# it publishes and fences for. The planner imports only controller.pg.types from this
-# package: it must never import this module (that would be a cycle).
-from controller.reconcile.planner import choose_primary
+# choose_primary: the operator's rule for the primary, so that lag is measured against
+# the node it publishes and fences for.
+from controller.pg.types import NodeProbe, NodeState, choose_primary
 
 CONNECT_TIMEOUT_SECONDS = 2
 STATEMENT_TIMEOUT_MS = 2000

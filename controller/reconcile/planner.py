@@ -22,7 +22,7 @@ from controller.api.models import (
 )
 from controller.bosh.types import Instance, Task
 from controller.consul.types import Published
-from controller.pg.types import NodeState
+from controller.pg.types import NodeState, choose_primary
 
 # Seconds until the next look, by situation. Named so that they can be tuned and tested.
 POLL_TASK_SECONDS = 2.0
@@ -417,14 +417,6 @@ def _observe_instances(b: _Builder, spec: PostgresClusterSpec, observed: Observe
             b.status.current_primary = primary_row.name
     if observed.endpoint_host:
         b.status.endpoint = Endpoint(host=observed.endpoint_host, port=5432)
-
-
-def choose_primary(nodes: tuple[NodeState, ...] | list[NodeState]) -> NodeState | None:
-    """The one writable node on the highest timeline (ties: the most advanced LSN)."""
-    writable = [n for n in nodes if n.writable]
-    if not writable:
-        return None
-    return max(writable, key=lambda n: (n.timeline or 0, n.current_lsn or 0))
 
 
 def _derive_readiness(b: _Builder, spec: PostgresClusterSpec, observed: Observed) -> float | None:

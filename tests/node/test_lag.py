@@ -30,7 +30,7 @@ def test_lag_without_a_primary_is_not_measured() -> None:
 
 
 def test_probe_and_planner_import_in_either_order() -> None:
-    """controller.pg.probe imports the planner's choose_primary: no import cycle."""
+    """Both use choose_primary from controller.pg.types: no import cycle either way."""
     for first, second in [
         ("controller.pg.probe", "controller.reconcile.planner"),
         ("controller.reconcile.planner", "controller.pg.probe"),
