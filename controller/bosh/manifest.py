@@ -34,6 +34,11 @@ def deployment_name(namespace: str, name: str, config: BoshConfig | None = None)
     return f"{prefix}-{namespace}-{name}"
 
 
+def primary_dns_name(service: str) -> str:
+    """The Consul DNS name that follows the cluster's primary (its `master` record)."""
+    return f"master.{service}.service.consul"
+
+
 def consul_service_name(namespace: str, name: str, config: BoshConfig | None = None) -> str:
     """A DNS label (RFC 1123, at most 63 characters) naming the cluster's Consul service.
 
@@ -94,9 +99,9 @@ def _variables(namespace: str, name: str, config: BoshConfig) -> list[dict[str, 
                 "type": "certificate",
                 "options": {
                     "ca": TLS_CA,
-                    "common_name": f"master.{service}.service.consul",
+                    "common_name": primary_dns_name(service),
                     "alternative_names": [
-                        f"master.{service}.service.consul",
+                        primary_dns_name(service),
                         f"replica.{service}.service.consul",
                         f"{service}.service.consul",
                     ],

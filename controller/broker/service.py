@@ -32,6 +32,7 @@ from controller.broker.operations import (
 )
 from controller.broker.roles import AdminTarget, DatabaseUnavailable, RoleManager, generate_password
 from controller.kube import Conflict, Invalid, KubeClient, NotFound, core_path, resource_path
+from controller.pg.types import connection_uri
 
 log = logging.getLogger(__name__)
 
@@ -626,7 +627,7 @@ class Broker:
         password = values["password"]
         endpoints = [{"host": host, "ports": [str(port)], "protocol": "tcp"}]
         credentials = {
-            "uri": f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(database)}",
+            "uri": connection_uri(user, password, host, port, database),
             "hostname": host,
             "port": port,
             "name": database,

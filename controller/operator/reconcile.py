@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import ValidationError
 
@@ -35,12 +34,13 @@ from controller.bosh.manifest import (
     interpolate_doc,
     manifest_dict,
     manifests_equal,
+    primary_dns_name,
 )
 from controller.bosh.types import CloudConfig, Director, Instance, JobStateRequest, Task
 from controller.consul.types import Member, PrimaryPublisher, Published
 from controller.kube.client import Conflict, KubeClient, NotFound, core_path, resource_path
 from controller.pg.probe import PsycopgProbe, probe_all
-from controller.pg.types import NodeProbe, NodeState
+from controller.pg.types import NodeProbe, NodeState, connection_uri
 from controller.reconcile import planner
 from controller.reconcile.planner import (
     DeleteDeployment,
@@ -131,7 +131,7 @@ def status_patch(status: PostgresClusterStatus) -> dict[str, Any]:
 
 def endpoint_host(rt: Runtime, namespace: str, name: str) -> str:
     """The Consul DNS name that follows the primary (status.endpoint.host, the Secret's host)."""
-    return f"master.{consul_service_name(namespace, name, rt.bosh)}.service.consul"
+    return primary_dns_name(consul_service_name(namespace, name, rt.bosh))
 
 
 def connection_fields(rt: Runtime, namespace: str, name: str, username: str, password: str) -> dict[str, str]:
@@ -140,13 +140,7 @@ def connection_fields(rt: Runtime, namespace: str, name: str, username: str, pas
     port = str(rt.bosh.postgres_port)
     # The node agent creates the BOSH manifest's initial databases; the first is the application's.
     dbname = rt.bosh.initial_databases[0] if rt.bosh.initial_databases else "postgres"
-    login = f"{quote(username, safe='')}:{quote(password, safe='')}"
-    return {
-        "host": host,
-        "port": port,
-        "dbname": dbname,
-        "uri": f"postgresql://{login}@{host}:{port}/{quote(dbname, safe='')}",
-    }
+    return {"host": host, "port": port, "dbname": dbname, "uri": connection_uri(username, password, host, port, dbname)}
 
 
 async def ensure_credentials(
