@@ -237,7 +237,7 @@ class Engine:
         for dep in self.state.deployments.values():
             for inst in dep.instances:
                 rt = self.runtime.setdefault(inst.id, VmRuntime())
-                if inst.vm_cid and agent_alive(inst.pid, self._vm_dir(inst) / "agent.json"):
+                if self._vm_alive(inst):
                     rt.last_ok = time.monotonic()
                     log.info("adopted %s (pid %s)", inst.label(), inst.pid)
                     continue
