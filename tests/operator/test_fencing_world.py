@@ -23,6 +23,7 @@ from conftest import ROOT, eventually, kubectl
 from world import dig, local_world
 
 from controller.kube.client import KubeClient, core_path, resource_path
+from controller.pg.probe import PsycopgProbe
 
 pytestmark = pytest.mark.slow
 PATH = resource_path("pgbosh.dev", "v1alpha1", "postgresclusters", "default")
@@ -40,20 +41,10 @@ def connect(address: str, creds: dict[str, str]) -> psycopg.Connection[Any]:
     )
 
 
-def node_state(address: str, creds: dict[str, str]) -> tuple[bool, int | None] | None:
-    """(in recovery, timeline) of the node at `address`, or None when it does not answer: a
-    primary's timeline is that of the WAL it writes, a standby's the one it receives."""
-    try:
-        with connect(address, creds) as conn:
-            row = conn.execute(
-                "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery()"
-                " THEN (SELECT received_tli FROM pg_stat_wal_receiver)"
-                " ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END"
-            ).fetchone()
-    except psycopg.Error:
-        return None
-    assert row is not None
-    return bool(row[0]), row[1]
+async def node_state(address: str, creds: dict[str, str]) -> tuple[bool, int | None] | None:
+    """(in recovery, timeline) as the operator's probe sees the node; None: no answer."""
+    state = await PsycopgProbe(creds["username"], creds["password"]).probe(address, 5432)
+    return (bool(state.in_recovery), state.timeline) if state.reachable else None
 
 
 async def test_a_second_writable_node_is_fenced_and_rejoins(kube_api, kube: KubeClient) -> None:
@@ -79,12 +70,16 @@ async def test_a_second_writable_node_is_fenced_and_rejoins(kube_api, kube: Kube
         with connect(old["address"], creds) as conn:
             conn.execute("CREATE TABLE fencing_notes (note text)")
             conn.execute("INSERT INTO fencing_notes VALUES ('before the split')")
-        await eventually(lambda: node_state(promoted["address"], creds) == (True, 1), timeout=30, interval=0.3)
+
+        async def promoted_streams() -> bool:
+            return await node_state(promoted["address"], creds) == (True, 1)
+
+        await eventually(promoted_streams, timeout=30, interval=0.3)
 
         # Split brain: the replica is promoted outside repmgr; the old primary is untouched.
         with connect(promoted["address"], creds) as conn:
             assert conn.execute("SELECT pg_promote(true, 30)").fetchone() == (True,)
-        assert node_state(promoted["address"], creds) == (False, 2)
+        assert await node_state(promoted["address"], creds) == (False, 2)
 
         # The operator stops the stale primary and names the promoted node everywhere.
         async def fenced_event() -> dict[str, Any] | None:
@@ -112,7 +107,7 @@ async def test_a_second_writable_node_is_fenced_and_rejoins(kube_api, kube: Kube
         # The old primary never writes again as a primary: it comes back as a replica of
         # the promoted node on timeline 2, and the cluster is Ready with one primary.
         async def old_rejoined() -> bool:
-            return node_state(old["address"], creds) == (True, 2)
+            return await node_state(old["address"], creds) == (True, 2)
 
         await eventually(old_rejoined, timeout=120, interval=0.5)
 
@@ -127,7 +122,7 @@ async def test_a_second_writable_node_is_fenced_and_rejoins(kube_api, kube: Kube
         assert reasons.count("Fenced") == 1, reasons
         assert "Rejoining" in reasons, reasons
         # Every node agrees on one writable node.
-        states = {i["address"]: node_state(i["address"], creds) for i in st["instances"]}
+        states = {i["address"]: await node_state(i["address"], creds) for i in st["instances"]}
         assert [a for a, s in states.items() if s is not None and not s[0]] == [promoted["address"]], states
         with connect(promoted["address"], creds) as conn:
             notes = [r[0] for r in conn.execute("SELECT note FROM fencing_notes").fetchall()]
