@@ -110,3 +110,57 @@ def test_the_closed_schema_refuses_unknown_fields_and_set_duplicates() -> None:
     assert spec["properties"]["azs"]["uniqueItems"] is True
     assert "additionalProperties" not in closed["properties"]["metadata"]  # metadata stays open
     assert isinstance(spec["properties"]["parameters"]["additionalProperties"], dict)  # a map stays a map
+
+
+def test_a_remembered_body_still_has_its_name_checked() -> None:
+    """Bodies admitted once are remembered without their metadata: the root rules, which read
+    the name, must still run for every object."""
+    validation._ADMITTED.clear()
+    admit(copy.deepcopy(GOOD))
+    assert validation._ADMITTED, "the admitted body was not remembered"
+    long_name = {**copy.deepcopy(GOOD), "metadata": {"name": "x" * 41, "namespace": "default"}}
+    with pytest.raises(Invalid) as refused:
+        admit(long_name)
+    assert [str(e) for e in refused.value.errors] == [
+        "metadata.name: Invalid value: metadata.name may have at most 40 characters: "
+        "it becomes part of the BOSH deployment and Consul DNS names"
+    ]
+    validation._ADMITTED.clear()
+    with pytest.raises(Invalid) as cold:
+        admit(long_name)
+    assert [str(e) for e in cold.value.errors] == [str(e) for e in refused.value.errors]
+
+
+def test_remembered_admissions_are_fresh_objects_with_their_own_metadata() -> None:
+    validation._ADMITTED.clear()
+    first = admit(copy.deepcopy(GOOD))
+    first["spec"]["storage"]["size"] = "1Ti"
+    first["spec"]["azs"].append("z9")
+    other = {**copy.deepcopy(GOOD), "metadata": {"name": "billing", "labels": {"team": "b"}}}
+    second = admit(other)
+    assert second["spec"]["storage"] == {"size": "10Gi"} and second["spec"]["azs"] == ["z1", "z2", "z3"]
+    assert second["metadata"] is other["metadata"]
+    assert second == {**admit(copy.deepcopy(other)), "metadata": other["metadata"]}
+    assert "postgresVersion" not in other["spec"], "the input was changed"
+
+
+def test_an_update_is_remembered_with_its_old_object() -> None:
+    """The same new body is allowed after one old object and refused after another (a
+    transition rule): the memo is keyed by both."""
+    validation._ADMITTED.clear()
+    small = admit(copy.deepcopy(GOOD))
+    large = admit({**copy.deepcopy(GOOD), "spec": {**GOOD["spec"], "storage": {"size": "20Gi"}}})
+    target = {**copy.deepcopy(GOOD), "spec": {**GOOD["spec"], "storage": {"size": "15Gi"}}}
+    admit(copy.deepcopy(target), small)
+    admit(copy.deepcopy(target), small)  # remembered
+    with pytest.raises(Invalid) as refused:
+        admit(copy.deepcopy(target), large)
+    assert "storage.size may not shrink" in str(refused.value)
+
+
+def test_metadata_that_is_not_an_object_is_refused_with_a_warm_memo() -> None:
+    validation._ADMITTED.clear()
+    admit(copy.deepcopy(GOOD))
+    with pytest.raises(Invalid) as refused:
+        admit({**copy.deepcopy(GOOD), "metadata": "orders"})
+    assert "metadata" in str(refused.value)
