@@ -333,6 +333,7 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         # Copies of the two levels written here (admission copies what it defaults), so the
         # request's own body stays as it came if the create is refused.
         data: dict[str, Any] = dict(request.data) if isinstance(request.data, dict) else {}
+        _check_metadata(data)
         meta = data["metadata"] = dict(data.get("metadata") or {})
         if request.namespace and not meta.get("namespace"):
             meta["namespace"] = request.namespace
@@ -360,6 +361,7 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
             patch = _merge_diff(current, target)
         else:
             patch = copy.deepcopy(request.data) if isinstance(request.data, dict) else {}
+        _check_metadata(patch)
         if request.method == enums.method.PUT:
             # A replace: the body is the whole object; express it as a patch of the current one.
             patch = {k: patch.get(k) for k in set(current) | set(patch)}
@@ -638,6 +640,27 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
             "columnDefinitions": columns,
             "rows": rows,
         }
+
+
+def _check_metadata(body: dict[str, Any]) -> None:
+    """A body whose metadata is not an object cannot be read as a Kubernetes object: the API
+    server refuses it with 400 Bad Request before admission (null is an absent metadata)."""
+    meta = body.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise k8s.KubernetesError(
+            status=400,
+            reason="BadRequest",
+            message=f"metadata must be an object (name, labels, ...), not a JSON {_json_type(meta)}",
+            details={"causes": [{"reason": "FieldValueTypeInvalid", "field": "metadata"}]},
+        )
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "array"}.get(type(value), type(value).__name__)
 
 
 def _object_name(request: rendering.Request) -> str | None:

@@ -192,3 +192,29 @@ async def test_a_body_that_is_not_text_is_answered_as_kmock_answers_it(kube_api)
         answer = await http.post(PATH, content=b"\xff\xfe\xfa", headers={"Content-Type": "application/json"})
         assert answer.status_code == 500 and answer.json()["kind"] == "Status"
         assert (await http.get(f"{PATH}")).status_code == 200  # and the API goes on
+
+
+@pytest.mark.parametrize(("metadata", "kind"), [("orders", "string"), (["a"], "array"), (5, "number")])
+async def test_metadata_that_is_not_an_object_gets_400_and_changes_nothing(kube_api, metadata, kind) -> None:
+    """Not an internal error with a traceback: 400 Bad Request that says what to fix, for a
+    create and a patch, of our resource and of a core one; nothing is stored or changed."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=kube_api[1]) as http:
+        for path, body in [
+            (PATH, {**cluster("x"), "metadata": metadata}),
+            ("/api/v1/namespaces/default/configmaps", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata}),
+        ]:
+            refused = await http.post(path, json=body)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["reason"] == "BadRequest"
+            assert refused.json()["message"] == f"metadata must be an object (name, labels, ...), not a JSON {kind}"
+            assert "traceback" not in refused.text
+            assert (await http.get(path)).json()["items"] == []
+        assert (await http.post(PATH, json=cluster("kept"))).status_code == 201
+        patched = await http.patch(
+            f"{PATH}/kept", json={"metadata": metadata}, headers={"Content-Type": "application/merge-patch+json"}
+        )
+        assert patched.status_code == 400, patched.text
+        kept = (await http.get(f"{PATH}/kept")).json()
+        assert kept["metadata"]["name"] == "kept" and kept["metadata"]["generation"] == 1
