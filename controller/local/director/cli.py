@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from .defaults import DEFAULT_AGENT_TIMEOUT, DEFAULT_RESURRECTION_DELAY, DEFAULT_RUN_AS
+from .defaults import DEFAULT_AGENT_TIMEOUT, DEFAULT_MAX_THREADS, DEFAULT_RESURRECTION_DELAY, DEFAULT_RUN_AS
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                             "can reach it, else /var/lib/pgbosh/<name>)")
     serve.add_argument("--run-as", default=None,
                        help=f"OS user of the database processes when running as root (default {DEFAULT_RUN_AS})")
+    serve.add_argument("--max-threads", type=_positive_int, default=DEFAULT_MAX_THREADS,
+                       help="VMs a task creates, and instances it deletes, at once, as the Director's "
+                            f"director.max_threads (default {DEFAULT_MAX_THREADS})")
     serve.set_defaults(func=run)
 
     def usage(_: argparse.Namespace) -> int:
@@ -36,13 +39,23 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=usage)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from .server import LocalDirector
 
     host, _, port = str(args.listen).rpartition(":")
     director = LocalDirector(args.state_dir, host=host or "127.0.0.1", port=int(port),
                              resurrection_delay=args.resurrection_delay, agent_timeout=args.agent_timeout,
-                             vm_root=args.vm_root, run_as=args.run_as)
+                             vm_root=args.vm_root, run_as=args.run_as, max_threads=args.max_threads)
     await director.start()
     print(f"director listening on {director.url}; credentials in {director.info_path}", flush=True)
     done = asyncio.Event()

@@ -27,7 +27,13 @@ import yaml
 
 from . import errors
 from . import manifest as mf
-from .defaults import DEFAULT_AGENT_TIMEOUT, DEFAULT_POLL_INTERVAL, DEFAULT_RESURRECTION_DELAY, DEFAULT_RUN_AS
+from .defaults import (
+    DEFAULT_AGENT_TIMEOUT,
+    DEFAULT_MAX_THREADS,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_RESURRECTION_DELAY,
+    DEFAULT_RUN_AS,
+)
 from .state import ConfigRecord, DeploymentRecord, DirectorState, InstanceRecord, StateStore
 from .tasks import ACTIVE_STATES, VERBOSE_1_TYPES, TaskOutput, TaskRecord
 from .vms import (
@@ -165,8 +171,11 @@ class Engine:
     def __init__(self, state_dir: Path, *, resurrection_delay: float = DEFAULT_RESURRECTION_DELAY,
                  agent_timeout: float = DEFAULT_AGENT_TIMEOUT, vm_root: Path | None = None,
                  run_as: str | None = None, poll_interval: float = DEFAULT_POLL_INTERVAL,
-                 agent_command: list[str] | None = None) -> None:
+                 agent_command: list[str] | None = None, max_threads: int = DEFAULT_MAX_THREADS) -> None:
+        if max_threads < 1:
+            raise ValueError(f"max_threads must be 1 or more, not {max_threads}")
         self.state_dir = state_dir
+        self.max_threads = max_threads
         self.store = StateStore(state_dir)
         self.state: DirectorState = DirectorState()
         self.variables: dict[str, dict[str, str]] = {}
@@ -690,7 +699,7 @@ class Engine:
                 finally:
                     rt.busy -= 1
 
-            await asyncio.gather(*(self._tracked(stage.track(i.label()), create(i)) for i in to_create))
+            await self._pooled(stage, to_create, create)
 
         async def update_group(item: GroupPlan) -> None:
             group, plan, jobs = item
@@ -887,7 +896,28 @@ class Engine:
 
     async def _each(self, stage: Any, insts: list[InstanceRecord],
                     fn: Callable[[DeploymentRecord, InstanceRecord], Awaitable[None]], dep: DeploymentRecord) -> None:
-        await asyncio.gather(*(self._tracked(stage.track(i.label()), fn(dep, i)) for i in insts))
+        await self._pooled(stage, insts, lambda inst: fn(dep, inst))
+
+    async def _pooled(self, stage: Any, insts: list[InstanceRecord],
+                      fn: Callable[[InstanceRecord], Awaitable[None]]) -> None:
+        """`fn` for each instance, tracked in `stage`, at most `max_threads` at a time, as the
+        Director's thread pools create VMs and delete instances: after a failure nothing new
+        starts, those running finish, and then the first failure is raised."""
+        slots = asyncio.Semaphore(self.max_threads)
+        failed: list[Exception] = []
+
+        async def one(inst: InstanceRecord) -> None:
+            async with slots:
+                if failed:
+                    return  # a pool takes no more work after an error
+                try:
+                    await self._tracked(stage.track(inst.label()), fn(inst))
+                except Exception as exc:  # a cancelled task is not a failure to report
+                    failed.append(exc)
+
+        await asyncio.gather(*(one(inst) for inst in insts))
+        if failed:
+            raise failed[0]
 
     async def _delete_instance(self, dep: DeploymentRecord, inst: InstanceRecord, *, drain: bool = True) -> None:
         rt = self.runtime.setdefault(inst.id, VmRuntime())

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .api import DirectorApi, Tokens
-from .defaults import DEFAULT_AGENT_TIMEOUT, DEFAULT_POLL_INTERVAL, DEFAULT_RESURRECTION_DELAY
+from .defaults import DEFAULT_AGENT_TIMEOUT, DEFAULT_MAX_THREADS, DEFAULT_POLL_INTERVAL, DEFAULT_RESURRECTION_DELAY
 from .director import Engine
 from .vms import write_private
 
@@ -32,12 +32,12 @@ class LocalDirector:
                  resurrection_delay: float = DEFAULT_RESURRECTION_DELAY,
                  agent_timeout: float = DEFAULT_AGENT_TIMEOUT, vm_root: str | Path | None = None,
                  run_as: str | None = None, poll_interval: float = DEFAULT_POLL_INTERVAL,
-                 agent_command: list[str] | None = None) -> None:
+                 agent_command: list[str] | None = None, max_threads: int = DEFAULT_MAX_THREADS) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.host, self.port = host, port
         self.engine = Engine(self.state_dir, resurrection_delay=resurrection_delay, agent_timeout=agent_timeout,
                              vm_root=Path(vm_root) if vm_root else None, run_as=run_as,
-                             poll_interval=poll_interval, agent_command=agent_command)
+                             poll_interval=poll_interval, agent_command=agent_command, max_threads=max_threads)
         self.info_path = self.state_dir / "director.json"
         self.client_id = CLIENT_ID
         self.client_secret = ""

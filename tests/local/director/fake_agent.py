@@ -9,7 +9,10 @@ Job properties under `fake`: `fail` (the job exits at once, forever), `start_del
 (seconds a started job stays "starting" before it is "running"), and `events` (a file
 shared by the instances: each start of the job appends `<index> start <t>` and
 `<index> ready <t + start_delay>`, so tests can measure how many instances the director
-updated at once).
+updated at once). `boot_delay` (seconds the agent takes to answer after its VM starts)
+and `shutdown_delay` (seconds a shutdown takes) log `<index> boot|booted <t>` and
+`<index> shutdown|down <t>` to the same file: how many VMs the director creates and
+deletes at once.
 """
 
 from __future__ import annotations
@@ -110,7 +113,19 @@ class FakeAgent:
         self._stop_child()
         return web.json_response({"job_state": "stopped"})
 
+    def record(self, first: str, second: str, delay: float) -> None:
+        """`<index> <first> <now>` and `<index> <second> <now + delay>` in the events file."""
+        if self._props().get("events"):
+            now = time.time()
+            with open(self._props()["events"], "a") as out:  # one write: lines of two agents never mix
+                out.write(f"{self.config['index']} {first} {now:.6f}\n{self.config['index']} {second} "
+                          f"{now + delay:.6f}\n")
+
     async def shutdown(self, _: web.Request) -> web.Response:
+        delay = float(self._props().get("shutdown_delay") or 0)
+        if delay:
+            self.record("shutdown", "down", delay)
+            await asyncio.sleep(delay)
         self._stop_child()
         asyncio.get_running_loop().call_later(0.05, self.done.set)
         return web.json_response({"job_state": "stopped"})
@@ -120,6 +135,10 @@ async def main(config: dict[str, Any]) -> None:
     if (Path(config["persistent_disk"]) / "data" / "crash").exists():
         raise SystemExit("crash marker on the disk: this VM cannot boot")
     agent = FakeAgent(config)
+    boot_delay = float(agent._props().get("boot_delay") or 0)
+    if boot_delay:
+        agent.record("boot", "booted", boot_delay)
+        await asyncio.sleep(boot_delay)
     app = web.Application()
     app.router.add_get("/status", agent.status)
     app.router.add_post("/jobs/start", agent.start)

@@ -180,3 +180,53 @@ async def test_policy_numbers_are_worked_out_per_az_like_update_config():
     doc["update"]["serial"] = "no"
     with pytest.raises(DirectorError, match="'serial'"):
         mf.parse(doc, mf.Cloud.parse(mf.DEFAULT_CLOUD_CONFIG))
+
+
+def timed(events: Path, first: str, second: str) -> list[tuple[float, float]]:
+    """The [first, second] spans of the events file, one per instance that logged them."""
+    begins: dict[int, float] = {}
+    ends: dict[int, float] = {}
+    for line in events.read_text().splitlines():
+        index, what, when = line.split()
+        if what == first:
+            begins[int(index)] = float(when)
+        elif what == second:
+            ends[int(index)] = float(when)
+    assert set(begins) == set(ends), (begins, ends)
+    return [(begins[i], ends[i]) for i in sorted(begins)]
+
+
+async def test_vms_are_created_and_deleted_at_most_max_threads_at_a_time(short_tmp):
+    """The Director creates missing VMs and deletes unneeded instances on thread pools of
+    `director.max_threads` (vm_creator.rb, instance_deleter.rb; jobs/director/spec, default 32):
+    with 2, five VMs boot two at a time, and a scale-down to one deletes four two at a time."""
+    from .conftest import running_director
+    from .helpers import FAKE_AGENT
+
+    events = short_tmp / "events"
+    async with running_director(short_tmp / "state", vm_root=short_tmp / "vms", agent_command=FAKE_AGENT,
+                                max_threads=2, resurrection_delay=0.5, agent_timeout=1.0,
+                                poll_interval=0.2) as (_, client):
+        fake = {"boot_delay": 0.5, "shutdown_delay": 0.5, "events": str(events)}
+
+        def sized(instances: int) -> str:
+            doc = yaml.safe_load(manifest("pool", instances=instances, azs=("z1",)))
+            doc["update"].update({"canaries": 5, "max_in_flight": 5})
+            doc["instance_groups"][0]["jobs"][0]["properties"]["fake"] = fake
+            return yaml.safe_dump(doc, sort_keys=False)
+
+        await deploy_ok(client, sized(5))
+        boots = timed(events, "boot", "booted")
+        assert len(boots) == 5 and max_overlap(boots) == 2, boots
+        await deploy_ok(client, sized(1))
+        shutdowns = timed(events, "shutdown", "down")
+        assert len(shutdowns) == 4 and max_overlap(shutdowns) == 2, shutdowns
+        assert running(await client.vms("pool"), 1)
+        await delete(client, "pool")
+
+
+async def test_max_threads_must_be_positive(tmp_path):
+    from controller.local.director.director import Engine
+
+    with pytest.raises(ValueError, match="max_threads must be 1 or more, not 0"):
+        Engine(tmp_path, max_threads=0)
