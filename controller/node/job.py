@@ -23,6 +23,7 @@ from typing import Literal
 import psycopg
 from psycopg import pq, sql
 
+from controller.consul.publisher import ConsulPublisher, ConsulPublishError
 from controller.node.config import AgentConfig, Peer, PostgresJobProperties
 from controller.node.hooks import HookEvent, HookEvents, install_hooks, publish_promotion
 from controller.node.layout import NodeLayout
@@ -54,6 +55,8 @@ FORMER_PRIMARY_PEER_WAIT = 30.0
 BOOTSTRAP_PEER_WAIT = 30.0
 PROVISION_RETRY_MAX = 30.0
 SYNC_NAMES_POLL = 5.0
+# How long the former primary waits for Consul's answer when it reads the master record.
+CONSUL_READ_TIMEOUT = 2.0
 # The isolation guard on the primary checks its peers this often.
 ISOLATION_POLL = 1.0
 ISOLATION_CONNECT_TIMEOUT = 1.0
@@ -153,11 +156,18 @@ class FormerPrimaryVerdict:
 
 
 def judge_former_primary(
-    own_timeline: int | None, peers: list[PeerRole | None], *, waited_enough: bool
+    own_timeline: int | None,
+    peers: list[PeerRole | None],
+    *,
+    waited_enough: bool,
+    published_elsewhere: str | None = None,
 ) -> FormerPrimaryVerdict:
     """May a disk that held a primary start as one? Not beside a writable peer, not
     when a peer has seen a newer timeline (a promotion happened since, even if that
-    new primary is down now), and not before some peer answered, unless we waited."""
+    new primary is down now), not when Consul's master record names another member
+    (`published_elsewhere`: its promote hook moved the record there, so it was promoted
+    since, even if it and every standby that followed it are down or refuse our
+    login), and not before some peer answered, unless we waited."""
     answered = [role for role in peers if role is not None]
     for role in answered:
         if role.writable:
@@ -174,6 +184,11 @@ def judge_former_primary(
                     f"this disk on {own_timeline}: a standby was promoted since"
                 ),
             )
+    if published_elsewhere is not None:
+        return FormerPrimaryVerdict(
+            start=False,
+            reason=f"Consul's master record names {published_elsewhere}: it was promoted while this node was down",
+        )
     if peers and not answered and not waited_enough:
         return FormerPrimaryVerdict(start=False, wait=True, reason="no peer answers yet")
     return FormerPrimaryVerdict(start=True)
@@ -538,6 +553,34 @@ class PostgresJob:
         except psycopg.Error:
             return None
 
+    async def _published_primary(self, peers: list[Peer], *, warn: bool = True) -> str | None:
+        """`address:port` of the member Consul's master record names, when Consul is
+        configured, answers, and names exactly one of this instance group's members
+        (a peer or this node); None otherwise (no evidence either way). `warn`: log why
+        Consul gave no answer (once per check, not once a second)."""
+        consul = self.props.consul
+        if not consul.http_addr or not consul.service:
+            return None
+        token = consul.token.get_secret_value() if consul.token is not None else None
+        try:
+            async with ConsulPublisher(consul.http_addr, token, timeout=CONSUL_READ_TIMEOUT) as publisher:
+                published = await publisher.published(consul.service)
+        except ConsulPublishError as error:  # the message never carries the token
+            if warn:
+                log.warning("could not read Consul's master record: %s", error)
+            return None
+        members = {(self.config.address, self.props.postgres.port)}
+        members |= {(peer.address, self.props.postgres.port) for peer in peers}
+        if len(published.primary) != 1:
+            return None
+        primary = published.primary[0]
+        if (primary.address, primary.port) not in members:
+            if warn:
+                log.warning("Consul's master record names %s:%d, not a member of this group: ignored",
+                            primary.address, primary.port)
+            return None
+        return f"{primary.address}:{primary.port}"
+
     async def _peer_presence(self, peer: Peer) -> PeerPresence:
         """Does the peer run PostgreSQL? PQping needs no login: a server that is
         starting, in recovery or shutting down answers REJECT, which counts too."""
@@ -613,6 +656,7 @@ class PostgresJob:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FORMER_PRIMARY_PEER_WAIT
         settle_until = loop.time() + failover_window(self.props)
+        consul_warned = False
         while True:
             peers = self.current_peers()
             roles = list(await asyncio.gather(*(self._probe_peer(peer) for peer in peers)))
@@ -620,15 +664,30 @@ class PostgresJob:
             if writable:
                 log.warning("this disk holds a former primary but %s is writable: rejoining", writable[0].address)
                 return writable[0]
+            published = await self._published_primary(peers, warn=not consul_warned)
+            consul_warned = True
+            names_us = published == f"{self.config.address}:{self.props.postgres.port}"
+            # Consul naming this node means no promotion was published since it was the
+            # primary: silent peers need not be waited for beyond the failover window.
             # A primary that fenced itself never starts alone again: a peer must answer.
-            waited_enough = loop.time() > deadline and not self._fenced
-            verdict = judge_former_primary(own_timeline, roles, waited_enough=waited_enough)
+            waited_enough = (loop.time() > deadline or (names_us and loop.time() > settle_until)) and not self._fenced
+            verdict = judge_former_primary(
+                own_timeline,
+                roles,
+                waited_enough=waited_enough,
+                published_elsewhere=published if published is not None and not names_us else None,
+            )
             if verdict.start:
                 if any(role is not None for role in roles) and loop.time() < settle_until:
                     await asyncio.sleep(PRIMARY_WAIT_POLL)
                     continue
                 if peers and all(role is None for role in roles):
-                    log.warning("no peer answered in %.0f s; starting the former primary", FORMER_PRIMARY_PEER_WAIT)
+                    if names_us and loop.time() <= deadline:
+                        log.warning("no peer answers, and Consul's master record names this node: starting it")
+                    else:
+                        log.warning(
+                            "no peer answered in %.0f s; starting the former primary", FORMER_PRIMARY_PEER_WAIT
+                        )
                 return None
             if not verdict.wait:
                 break

@@ -28,6 +28,7 @@ ADMIN_USER = "pgbosh_admin"
 ADMIN_PASSWORD = "admin'pw:1"
 REPLICATION_PASSWORD = "repl'pw:2"
 PORT = 5432
+CONSUL_SERVICE = "pg-test"
 
 
 def free_addresses(count: int) -> list[str]:
@@ -63,6 +64,7 @@ def properties(
     replication: dict[str, Any] | None = None,
     passwords: tuple[str, str] = (ADMIN_PASSWORD, REPLICATION_PASSWORD),
     parameters: dict[str, str] | None = None,
+    consul_addr: str = "",
 ) -> dict[str, Any]:
     return {
         "postgres": {
@@ -84,7 +86,7 @@ def properties(
             "priority_by_index": True,
             **(repmgr or {}),
         },
-        "consul": {"service": "pg-test", "http_addr": ""},
+        "consul": {"service": CONSUL_SERVICE, "http_addr": consul_addr},
     }
 
 
@@ -100,6 +102,7 @@ class Node:
     replication: dict[str, Any] = field(default_factory=dict)
     passwords: tuple[str, str] = (ADMIN_PASSWORD, REPLICATION_PASSWORD)  # admin, replication
     parameters: dict[str, str] = field(default_factory=dict)  # extra postgres.parameters
+    consul_addr: str = ""  # a Consul HTTP address for the promote hook and the former primary's check
 
     @property
     def vm_dir(self) -> Path:
@@ -131,7 +134,9 @@ class Node:
             "jobs": [
                 {
                     "name": "postgres",
-                    "properties": properties(self.repmgr, self.replication, self.passwords, self.parameters),
+                    "properties": properties(
+                        self.repmgr, self.replication, self.passwords, self.parameters, self.consul_addr
+                    ),
                 }
             ],
         }
@@ -300,6 +305,7 @@ def running_cluster(
     repmgr: dict[str, Any] | None = None,
     replication: dict[str, Any] | None = None,
     parameters: dict[str, str] | None = None,
+    consul_addr: str = "",
 ) -> Iterator[list[Node]]:
     addresses = free_addresses(size)
     base = make_base_dir()
@@ -311,6 +317,7 @@ def running_cluster(
             repmgr=repmgr or {},
             replication=replication or {},
             parameters=parameters or {},
+            consul_addr=consul_addr,
         )
         for i, address in enumerate(addresses)
     ]

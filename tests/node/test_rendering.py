@@ -288,6 +288,21 @@ def test_former_primary_waits_for_some_peer_then_starts_alone() -> None:
     assert judge_former_primary(3, [], waited_enough=False).start
 
 
+def test_former_primary_refuses_when_consul_names_another_member() -> None:
+    """The promoted node and every standby that followed it are down, or refuse this
+    node's login (rotated passwords): Consul's master record still tells of the
+    promotion, so even after the wait the former primary does not start alone."""
+    for peers in ([None, None], [_role(1), None]):
+        verdict = judge_former_primary(1, peers, waited_enough=True, published_elsewhere="127.1.0.11:5432")
+        assert not verdict.start and not verdict.wait
+        assert "Consul's master record names 127.1.0.11:5432" in verdict.reason
+    # A writable peer or a newer timeline still say it first.
+    beside = judge_former_primary(
+        1, [_role(1, writable=True, timeline=2)], waited_enough=True, published_elsewhere="127.1.0.12:5432"
+    )
+    assert "is the primary now" in beside.reason
+
+
 def test_multi_line_password_is_refused_without_echo(tmp_path: Path) -> None:
     data = agent_json(admin_password="line one\nline two")
     path = tmp_path / "agent.json"
