@@ -12,7 +12,7 @@ import pytest
 
 from .no_false_failover import MIN_CPU_BUSY, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.solo]
 
 SECONDS = int(os.environ.get("PGBOSH_NO_FALSE_FAILOVER_SECONDS", "180"))
 
