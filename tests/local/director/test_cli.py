@@ -37,9 +37,17 @@ def wait_info(state: Path, proc: subprocess.Popen[bytes], old: str = "") -> dict
 def test_help_documents_the_options_and_defaults() -> None:
     out = subprocess.run([sys.executable, "-m", "controller", "director", "serve", "--help"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
-    for option in ("--listen", "--state-dir", "--resurrection-delay", "--agent-timeout", "--vm-root", "--run-as"):
+    for option in ("--listen", "--state-dir", "--resurrection-delay", "--agent-timeout", "--vm-root", "--run-as",
+                   "--max-threads"):
         assert option in out
-    assert "default 2" in out and "default 3" in out and "default postgres" in out
+    assert "default 2" in out and "default 3" in out and "default postgres" in out and "default 32" in out
+
+
+def test_max_threads_must_be_a_positive_whole_number(tmp_path: Path) -> None:
+    for value, message in (("0", "must be 1 or more, not 0"), ("two", "'two' is not a whole number")):
+        run = subprocess.run([sys.executable, "-m", "controller", "director", "serve", "--state-dir",
+                              str(tmp_path), "--max-threads", value], cwd=REPO, capture_output=True, text=True)
+        assert run.returncode == 2 and f"--max-threads: {message}" in run.stderr, run.stderr
 
 
 def test_serve_writes_director_json_and_stops_on_sigterm(short_tmp: Path) -> None:
