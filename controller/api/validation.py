@@ -454,17 +454,21 @@ _ADMITTED: dict[tuple[bytes, bytes | None], dict[str, Any]] = {}
 _ADMITTED_MAX = 1024
 
 
-def _admitted_key(schema: dict[str, Any], obj: dict[str, Any], old: dict[str, Any] | None) -> Any:
+def _without_metadata(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != "metadata"}
+
+
+def _admitted_key(
+    schema: dict[str, Any], obj: dict[str, Any], old: dict[str, Any] | None
+) -> tuple[bytes, bytes | None] | None:
     """The memo key of an admission (None: not to be remembered: no metadata object, a schema
     that says more of metadata than that it is an object, or a value that is not JSON)."""
     if not isinstance(obj.get("metadata"), dict) or schema["properties"].get("metadata") != {"type": "object"}:
         return None
     try:
-        body = _key({k: v for k, v in obj.items() if k != "metadata"})
-        before = None if old is None else _key({k: v for k, v in old.items() if k != "metadata"})
+        return _key(_without_metadata(obj)), None if old is None else _key(_without_metadata(old))
     except (TypeError, ValueError):
         return None
-    return body, before
 
 
 def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -499,6 +503,6 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, A
     if key is not None:
         if len(_ADMITTED) >= _ADMITTED_MAX:
             _ADMITTED.clear()
-        _ADMITTED[key] = _json_copy({k: v for k, v in defaulted.items() if k != "metadata"})
+        _ADMITTED[key] = _json_copy(_without_metadata(defaulted))
     result: dict[str, Any] = defaulted
     return result
