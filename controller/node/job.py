@@ -24,6 +24,7 @@ import psycopg
 from psycopg import pq, sql
 
 from controller.consul.publisher import ConsulPublisher, ConsulPublishError
+from controller.consul.types import Member
 from controller.node.config import AgentConfig, Peer, PostgresJobProperties
 from controller.node.hooks import HookEvent, HookEvents, install_hooks, publish_promotion
 from controller.node.layout import NodeLayout
@@ -553,8 +554,8 @@ class PostgresJob:
         except psycopg.Error:
             return None
 
-    async def _published_primary(self, peers: list[Peer], *, warn: bool = True) -> str | None:
-        """`address:port` of the member Consul's master record names, when Consul is
+    async def _published_primary(self, peers: list[Peer], *, warn: bool = True) -> Member | None:
+        """The member Consul's master record names, when Consul is
         configured, answers, and names exactly one of this instance group's members
         (a peer or this node); None otherwise (no evidence either way). `warn`: log why
         Consul gave no answer (once per check, not once a second)."""
@@ -569,17 +570,16 @@ class PostgresJob:
             if warn:
                 log.warning("could not read Consul's master record: %s", error)
             return None
-        members = {(self.config.address, self.props.postgres.port)}
-        members |= {(peer.address, self.props.postgres.port) for peer in peers}
         if len(published.primary) != 1:
             return None
         primary = published.primary[0]
-        if (primary.address, primary.port) not in members:
+        port = self.props.postgres.port
+        if primary not in {Member(self.config.address, port), *(Member(peer.address, port) for peer in peers)}:
             if warn:
                 log.warning("Consul's master record names %s:%d, not a member of this group: ignored",
                             primary.address, primary.port)
             return None
-        return f"{primary.address}:{primary.port}"
+        return primary
 
     async def _peer_presence(self, peer: Peer) -> PeerPresence:
         """Does the peer run PostgreSQL? PQping needs no login: a server that is
@@ -666,7 +666,7 @@ class PostgresJob:
                 return writable[0]
             published = await self._published_primary(peers, warn=not consul_warned)
             consul_warned = True
-            names_us = published == f"{self.config.address}:{self.props.postgres.port}"
+            names_us = published == Member(self.config.address, self.props.postgres.port)
             # Consul naming this node means no promotion was published since it was the
             # primary: silent peers need not be waited for beyond the failover window.
             # A primary that fenced itself never starts alone again: a peer must answer.
@@ -675,7 +675,9 @@ class PostgresJob:
                 own_timeline,
                 roles,
                 waited_enough=waited_enough,
-                published_elsewhere=published if published is not None and not names_us else None,
+                published_elsewhere=(
+                    f"{published.address}:{published.port}" if published is not None and not names_us else None
+                ),
             )
             if verdict.start:
                 if any(role is not None for role in roles) and loop.time() < settle_until:
