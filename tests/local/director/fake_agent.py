@@ -97,10 +97,7 @@ class FakeAgent:
     def _record_start(self) -> None:
         now = time.time()
         self.ready_at = now + float(self._props().get("start_delay") or 0)
-        if self._props().get("events"):
-            with open(self._props()["events"], "a") as out:  # one write: lines of two agents never mix
-                out.write(f"{self.config['index']} start {now:.6f}\n{self.config['index']} ready "
-                          f"{self.ready_at:.6f}\n")
+        self.record("start", "ready", now, self.ready_at)
 
     def _stop_child(self) -> None:
         self.wanted = False
@@ -113,18 +110,18 @@ class FakeAgent:
         self._stop_child()
         return web.json_response({"job_state": "stopped"})
 
-    def record(self, first: str, second: str, delay: float) -> None:
-        """`<index> <first> <now>` and `<index> <second> <now + delay>` in the events file."""
+    def record(self, first: str, second: str, begin: float, end: float) -> None:
+        """`<index> <first> <begin>` and `<index> <second> <end>` in the events file."""
         if self._props().get("events"):
-            now = time.time()
             with open(self._props()["events"], "a") as out:  # one write: lines of two agents never mix
-                out.write(f"{self.config['index']} {first} {now:.6f}\n{self.config['index']} {second} "
-                          f"{now + delay:.6f}\n")
+                out.write(f"{self.config['index']} {first} {begin:.6f}\n{self.config['index']} {second} "
+                          f"{end:.6f}\n")
 
     async def shutdown(self, _: web.Request) -> web.Response:
         delay = float(self._props().get("shutdown_delay") or 0)
         if delay:
-            self.record("shutdown", "down", delay)
+            now = time.time()
+            self.record("shutdown", "down", now, now + delay)
             await asyncio.sleep(delay)
         self._stop_child()
         asyncio.get_running_loop().call_later(0.05, self.done.set)
@@ -137,7 +134,8 @@ async def main(config: dict[str, Any]) -> None:
     agent = FakeAgent(config)
     boot_delay = float(agent._props().get("boot_delay") or 0)
     if boot_delay:
-        agent.record("boot", "booted", boot_delay)
+        now = time.time()
+        agent.record("boot", "booted", now, now + boot_delay)
         await asyncio.sleep(boot_delay)
     app = web.Application()
     app.router.add_get("/status", agent.status)

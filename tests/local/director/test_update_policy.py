@@ -40,15 +40,19 @@ def policy_manifest(name: str, events: Path, *, instances: int, azs: tuple[str, 
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def intervals(events: Path) -> dict[int, tuple[float, float]]:
-    """index -> (start, ready) of each instance's job (one start per instance per file)."""
-    starts: dict[int, float] = {}
-    readies: dict[int, float] = {}
+def intervals(events: Path, first: str = "start", second: str = "ready") -> dict[int, tuple[float, float]]:
+    """index -> (first, second) of each instance that logged them (the job's start and ready
+    by default; one of each per instance per file)."""
+    begins: dict[int, float] = {}
+    ends: dict[int, float] = {}
     for line in events.read_text().splitlines():
         index, what, when = line.split()
-        (starts if what == "start" else readies)[int(index)] = float(when)
-    assert set(starts) == set(readies)
-    return {i: (starts[i], readies[i]) for i in starts}
+        if what == first:
+            begins[int(index)] = float(when)
+        elif what == second:
+            ends[int(index)] = float(when)
+    assert set(begins) == set(ends), (begins, ends)
+    return {i: (begins[i], ends[i]) for i in begins}
 
 
 def max_overlap(spans: list[tuple[float, float]]) -> int:
@@ -182,20 +186,6 @@ async def test_policy_numbers_are_worked_out_per_az_like_update_config():
         mf.parse(doc, mf.Cloud.parse(mf.DEFAULT_CLOUD_CONFIG))
 
 
-def timed(events: Path, first: str, second: str) -> list[tuple[float, float]]:
-    """The [first, second] spans of the events file, one per instance that logged them."""
-    begins: dict[int, float] = {}
-    ends: dict[int, float] = {}
-    for line in events.read_text().splitlines():
-        index, what, when = line.split()
-        if what == first:
-            begins[int(index)] = float(when)
-        elif what == second:
-            ends[int(index)] = float(when)
-    assert set(begins) == set(ends), (begins, ends)
-    return [(begins[i], ends[i]) for i in sorted(begins)]
-
-
 async def test_vms_are_created_and_deleted_at_most_max_threads_at_a_time(short_tmp):
     """The Director creates missing VMs and deletes unneeded instances on thread pools of
     `director.max_threads` (vm_creator.rb, instance_deleter.rb; jobs/director/spec, default 32):
@@ -216,10 +206,10 @@ async def test_vms_are_created_and_deleted_at_most_max_threads_at_a_time(short_t
             return yaml.safe_dump(doc, sort_keys=False)
 
         await deploy_ok(client, sized(5))
-        boots = timed(events, "boot", "booted")
+        boots = list(intervals(events, "boot", "booted").values())
         assert len(boots) == 5 and max_overlap(boots) == 2, boots
         await deploy_ok(client, sized(1))
-        shutdowns = timed(events, "shutdown", "down")
+        shutdowns = list(intervals(events, "shutdown", "down").values())
         assert len(shutdowns) == 4 and max_overlap(shutdowns) == 2, shutdowns
         assert running(await client.vms("pool"), 1)
         await delete(client, "pool")
