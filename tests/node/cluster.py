@@ -270,6 +270,16 @@ def agent_log_tail(node: Node, lines: int = 40) -> str:
     return text
 
 
+def wait_for_node(
+    node: Node, predicate: Callable[[], Any], timeout: float, what: str, *, log_lines: int = 40
+) -> Any:
+    """wait_for, with the tail of the node agent's log in the failure."""
+    try:
+        return wait_for(predicate, timeout, what)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{agent_log_tail(node, log_lines)}") from None
+
+
 def start_nodes(nodes: list[Node], timeout: float) -> None:
     """Start every agent and its job, then wait until each job runs (agent log on failure)."""
     for node in nodes:
@@ -277,10 +287,7 @@ def start_nodes(nodes: list[Node], timeout: float) -> None:
     for node in nodes:
         node.start_job()
     for node in nodes:
-        try:
-            wait_for(functools.partial(job_running, node), timeout, f"node {node.index}")
-        except AssertionError as error:
-            raise AssertionError(f"{error}\n{agent_log_tail(node)}") from None
+        wait_for_node(node, functools.partial(job_running, node), timeout, f"node {node.index}")
 
 
 def link_peers(nodes: list[Node]) -> None:

@@ -23,10 +23,11 @@ from .cluster import (
     PORT,
     REPLICATION_PASSWORD,
     Node,
-    agent_log_tail,
     free_addresses,
+    job_running,
     running_cluster,
     wait_for,
+    wait_for_node,
 )
 
 pytestmark = pytest.mark.slow
@@ -222,7 +223,7 @@ def test_killed_postmaster_is_restarted(cluster: list[Node]) -> None:
     )
     assert seen_failing
     assert (standby.status() or {})["job_state"] == "failing"
-    wait_for(lambda: (standby.status() or {}).get("job_state") == "running", 60, "job running again")
+    wait_for(functools.partial(job_running, standby), 60, "job running again")
     assert standby.postmaster_pid() != pid
     assert standby.process_state("postgres") == "running"
     wait_for(lambda: "node-2" in streaming_standbys(primary), 30, "node-2 streaming again")
@@ -247,10 +248,7 @@ def test_new_agent_on_the_same_disk_brings_the_node_back(cluster: list[Node]) ->
     standby.start_job()
     standby.start_job()  # idempotent
     started = time.monotonic()
-    try:
-        wait_for(lambda: (standby.status() or {}).get("job_state") == "running", 60, "recreated node running")
-    except AssertionError as error:
-        raise AssertionError(f"{error}\n{agent_log_tail(standby)}") from None
+    wait_for_node(standby, functools.partial(job_running, standby), 60, "recreated node running")
     assert time.monotonic() - started < 60
     # Running: PostgreSQL's process is up; it answers as a standby moments later.
     wait_for(lambda: (standby.status() or {}).get("role") == "standby", 10, "recreated node a standby")
@@ -287,5 +285,5 @@ def test_jobs_stop_and_start_over_the_api(cluster: list[Node]) -> None:
     assert standby.status() is not None  # the agent itself stays up
     started = standby.request("POST", "/jobs/start")
     assert started["job_state"] in ("starting", "running")
-    wait_for(lambda: (standby.status() or {}).get("job_state") == "running", 60, "job running after start")
+    wait_for(functools.partial(job_running, standby), 60, "job running after start")
     wait_for(lambda: "node-2" in streaming_standbys(primary), 30, "node-2 streaming after start")

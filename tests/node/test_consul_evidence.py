@@ -5,6 +5,8 @@ does not start alone on its older data, which would lose the new primary's write
 
 from __future__ import annotations
 
+import functools
+
 import consul
 import psycopg
 import pytest
@@ -12,7 +14,17 @@ import pytest
 from controller.consul.publisher import MASTER_TAG, parse_http_addr
 from controller.local.consul.server import serve_in_thread
 
-from .cluster import CONSUL_SERVICE, PORT, Node, agent_log_tail, notes, role, running_cluster, wait_for
+from .cluster import (
+    CONSUL_SERVICE,
+    PORT,
+    Node,
+    job_running,
+    notes,
+    role,
+    running_cluster,
+    wait_for,
+    wait_for_node,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +67,7 @@ def test_former_primary_does_not_start_alone_when_consul_names_the_promoted_node
             old.generation += 1
             old.start_agent()
             old.start_job()
-            try:
-                status = wait_for(lambda: failing_with(old, "Consul's master record"), 20, "the refusal")
-            except AssertionError as error:
-                raise AssertionError(f"{error}\n{agent_log_tail(old)}") from None
+            status = wait_for_node(old, lambda: failing_with(old, "Consul's master record"), 20, "the refusal")
             assert f"names {new.address}:{PORT}" in str(status["error"])
             assert "refusing to start a second primary" in str(status["error"])
             with pytest.raises(psycopg.OperationalError):
@@ -70,10 +79,7 @@ def test_former_primary_does_not_start_alone_when_consul_names_the_promoted_node
             new.start_agent()
             new.start_job()
             wait_for(lambda: role(new) == "primary", 60, "node 1 primary again")
-            try:
-                wait_for(lambda: (old.status() or {}).get("job_state") == "running", 120, "node 0 rejoined")
-            except AssertionError as error:
-                raise AssertionError(f"{error}\n{agent_log_tail(old)}") from None
+            wait_for_node(old, functools.partial(job_running, old), 120, "node 0 rejoined")
             wait_for(lambda: role(old) == "standby", 10, "node 0 a standby")
             wait_for(
                 lambda: {"before the failover", "written on the new primary"} <= notes(old),

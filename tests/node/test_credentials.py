@@ -7,7 +7,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from .cluster import ADMIN_PASSWORD, Node, agent_log_tail, running_cluster, start_nodes, wait_for
+from .cluster import ADMIN_PASSWORD, Node, running_cluster, start_nodes, wait_for, wait_for_node
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,7 @@ def test_new_passwords_apply_when_the_nodes_start_again() -> None:
             node.generation += 1
             node.passwords = ("new-admin'pw:3", "new-repl'pw:4")
         start_nodes(nodes, 120)
-        try:
-            wait_for(lambda: streaming(primary) == 1, 60, "the standby streaming with the new password")
-        except AssertionError as error:
-            raise AssertionError(f"{error}\n{agent_log_tail(standby)}") from None
+        wait_for_node(standby, lambda: streaming(primary) == 1, 60, "the standby streaming with the new password")
         with primary.connect() as conn:
             assert conn.execute("SELECT note FROM kept").fetchall() == [("before the new passwords",)]
         wait_for(lambda: (standby.status() or {}).get("role") == "standby", 30, "standby role")

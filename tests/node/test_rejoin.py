@@ -25,7 +25,17 @@ from typing import Any
 import psycopg
 import pytest
 
-from .cluster import Node, agent_log_tail, job_running, notes, role, running_cluster, streaming_from, wait_for
+from .cluster import (
+    Node,
+    agent_log_tail,
+    job_running,
+    notes,
+    role,
+    running_cluster,
+    streaming_from,
+    wait_for,
+    wait_for_node,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -142,10 +152,7 @@ def test_former_primary_whose_fork_point_wal_is_gone_is_cloned_afresh(
             conn.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'filler_%'"
             )
-    try:
-        wait_for(functools.partial(job_running, old_primary), 180, "old primary back")
-    except AssertionError as error:
-        raise AssertionError(f"{error}\n{agent_log_tail(old_primary, 80)}") from None
+    wait_for_node(old_primary, functools.partial(job_running, old_primary), 180, "old primary back", log_lines=80)
 
     agent_log = (old_primary.vm_dir / "agent.log").read_text()
     assert "rejoin with pg_rewind failed, cloning afresh" in agent_log, agent_log_tail(old_primary, 80)

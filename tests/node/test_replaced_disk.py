@@ -22,7 +22,17 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from .cluster import Node, agent_log_tail, job_running, notes, role, running_cluster, streaming_from, wait_for
+from .cluster import (
+    Node,
+    agent_log_tail,
+    job_running,
+    notes,
+    role,
+    running_cluster,
+    streaming_from,
+    wait_for,
+    wait_for_node,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -97,10 +107,9 @@ def test_bootstrap_instance_on_a_replaced_disk_clones_from_the_current_primary(c
             first.generation += 1
             first.start_agent()
             first.start_job()
-            try:
-                wait_for(functools.partial(job_running, first), 180, "instance 0 running on its new disk")
-            except AssertionError as error:
-                raise AssertionError(f"{error}\n{agent_log_tail(first, 80)}") from None
+            wait_for_node(
+                first, functools.partial(job_running, first), 180, "instance 0 running on its new disk", log_lines=80
+            )
             wait_for(lambda: role(second) == "primary", 10, "instance 1 the primary")
             wait_for(lambda: role(first) == "standby", 10, "instance 0 a standby")
             wait_for(lambda: "node-0" in streaming_from(second), 30, "instance 0 streams from instance 1")
