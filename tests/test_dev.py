@@ -29,6 +29,7 @@ import httpx
 import pytest
 import yaml
 from conftest import ROOT, eventually, kubectl
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +47,6 @@ spec:
     size: 1Gi
 """
 
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cmdline(pid: int) -> str:

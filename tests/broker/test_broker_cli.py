@@ -6,20 +6,14 @@ import asyncio
 import io
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import httpx
+from ports import free_port
 
 from controller.broker import cli
 from controller.local.kube import serve, write_kubeconfig
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_listen_parsing() -> None:

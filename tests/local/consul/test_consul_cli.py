@@ -11,14 +11,10 @@ from pathlib import Path
 
 import consul
 import pytest
+from ports import free_port
 
 TOKEN = "cli-token-never-logged"
 
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(http: int, dns: int, state: Path) -> subprocess.Popen[str]:
