@@ -18,6 +18,10 @@ needs of HTTP/1.1 (RFC 9112) is here, and what it does not need is refused plain
 - a connection idle ``keepalive_timeout`` seconds is closed; a request whose head and body
   have not arrived ``request_timeout`` seconds after its first byte gets 408.
 
+A server can hand connections over: ``hand_over(request)`` sees each request once its head
+is read, and may return another protocol (an aiohttp ``web.Server()``'s, say) that then owns
+the connection from that request on, fed every byte this one has not answered.
+
 A handler is not cancelled when its client goes away: what it changes, it finishes (the
 answer is dropped). ``stop()`` stops accepting, closes idle connections and lets running
 handlers finish (up to ``shutdown_timeout``).
@@ -135,6 +139,8 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Given a request whose head is read: None to answer it here, or the protocol to take the connection.
+HandOver = Callable[[Request], asyncio.BaseProtocol | None]
 
 
 class Router:
@@ -218,6 +224,7 @@ class _Connection(asyncio.Protocol):
         self._scanned = 0  # bytes of the buffer searched for the end of a head
         self._chunks: _ChunkedBody | None = None
         self._head: tuple[Request, int, int | None, bool] | None = None
+        self._successor: asyncio.BaseProtocol | None = None  # who took the connection over
         # When the connection is given up: idle too long, or a request too slow to arrive.
         self.deadline: float | None = None
         self.idle = True
@@ -250,7 +257,8 @@ class _Connection(asyncio.Protocol):
         if self._busy:
             return True
         self._advance()
-        return False
+        # Handed over: the successor was told of the end, and closed if it would.
+        return self._successor is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -277,7 +285,7 @@ class _Connection(asyncio.Protocol):
             self._send(error_response(exc), close=True, head_only=False, linger=True)
             return
         if request is None:
-            if self._eof:
+            if self._eof and not self._closing:
                 self.close()
             return
         self._busy = True
@@ -314,6 +322,11 @@ class _Connection(asyncio.Protocol):
                 return None
             self._scanned = 0
             self._head = self._parse_head(bytes(buffer[:end]), end + 4)
+            if self._server.hand_over is not None:
+                protocol = self._server.hand_over(self._head[0])
+                if protocol is not None:
+                    self._give_to(protocol)
+                    return None
         request, start, length, chunked = self._head
         if chunked:
             if self._chunks is None:
@@ -339,6 +352,29 @@ class _Connection(asyncio.Protocol):
         self._continued = False
         request.body = body
         return request
+
+    def _give_to(self, protocol: asyncio.BaseProtocol) -> None:
+        """The connection, from the request just read on, belongs to ``protocol``; this one is
+        done (nothing is being answered: a request is read only when the last one was)."""
+        transport = self._transport
+        assert transport is not None
+        data, eof = bytes(self._buffer), self._eof
+        self._buffer.clear()
+        self._head = None
+        self._closing = True
+        self.deadline = None
+        self._server._connections.discard(self)
+        self._transport = None
+        self._successor = protocol
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._paused_reading:
+            self._paused_reading = False
+            transport.resume_reading()
+        if data and isinstance(protocol, asyncio.Protocol):
+            protocol.data_received(data)
+        if eof and isinstance(protocol, asyncio.Protocol) and not protocol.eof_received():
+            transport.close()
 
     def _receiving(self) -> None:
         if self.idle:
@@ -594,8 +630,10 @@ class HttpServer:
         request_timeout: float = REQUEST_TIMEOUT,
         shutdown_timeout: float = SHUTDOWN_TIMEOUT,
         max_body: int = MAX_BODY,
+        hand_over: HandOver | None = None,
     ) -> None:
         self.handler = handler
+        self.hand_over = hand_over
         self.keepalive_timeout = keepalive_timeout
         self.request_timeout = request_timeout
         self.shutdown_timeout = shutdown_timeout

@@ -437,3 +437,121 @@ def test_http_error_reason_and_date_header() -> None:
     assert error.reason == "Request Entity Too Large" and not error.close
     first: Any = http_server._date()
     assert first.endswith(b" GMT") and http_server._date() is first  # formatted once a second
+
+
+async def test_a_connection_is_handed_over_with_every_byte_not_answered() -> None:
+    """``hand_over`` gives the connection, from the request it declines on, to another
+    protocol (aiohttp's low-level server here, as the local Kubernetes API does): that
+    request, the pipelined ones behind it and every later one are the successor's, and the
+    first server answers no more on it."""
+    from aiohttp import web
+
+    async def successor_handler(request: web.BaseRequest) -> web.Response:
+        body = await request.read()
+        return web.json_response({"by": "successor", "path": request.path, "body": body.decode()})
+
+    successor = web.Server(successor_handler)
+    app = App()
+    declined: list[str] = []
+
+    def hand_over(request: Request) -> asyncio.BaseProtocol | None:
+        if not request.raw_path.startswith("/other"):
+            return None
+        declined.append(request.raw_path)
+        return successor()
+
+    server = HttpServer(app, hand_over=hand_over, keepalive_timeout=5, request_timeout=5, shutdown_timeout=5)
+    await server.start("127.0.0.1", 0)
+    try:
+        wire = await Wire.open(server)
+        wire.send(get("/echo/first"))
+        status, headers, body = await wire.answer()
+        assert status == 200 and headers["server"] == "pgbosh" and json.loads(body)["name"] == "first"
+
+        # Declined with its body only half arrived, and two more pipelined behind it.
+        post = b"POST /other/a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n"
+        wire.send(post + b"he")
+        await asyncio.sleep(0.05)
+        wire.send(b"llo" + get("/echo/second") + get("/other/b"))
+        answers = [await wire.answer() for _ in range(3)]
+        assert [json.loads(body) for _, _, body in answers] == [
+            {"by": "successor", "path": "/other/a", "body": "hello"},
+            {"by": "successor", "path": "/echo/second", "body": ""},  # once handed over, all of it
+            {"by": "successor", "path": "/other/b", "body": ""},
+        ]
+        assert all(h["server"] != "pgbosh" for _, h, _ in answers)
+        assert declined == ["/other/a"]  # asked once: the connection was no longer its own
+        assert not server._connections
+
+        # Other connections still start with the first server.
+        other = await Wire.open(server)
+        other.send(get("/echo/third"))
+        assert (await other.answer())[1]["server"] == "pgbosh"
+        other.close()
+        wire.close()
+    finally:
+        await server.stop()
+        successor.pre_shutdown()
+        await successor.shutdown(5)
+
+
+class Recorder(asyncio.Protocol):
+    """A successor that keeps what it is given, and answers once the client stops sending."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(self.data), self.data))
+        self.transport.close()
+        return True
+
+
+async def test_the_end_of_sending_that_came_with_a_declined_request_reaches_the_successor() -> None:
+    """The client stopped sending right after the request declined: the successor gets the
+    request's bytes and then the end, and the first server does not close the connection
+    under it. Also when the end came while the first server was still answering the request
+    before it (the declined one waited in its buffer)."""
+    recorders: list[Recorder] = []
+
+    def hand_over(request: Request) -> asyncio.BaseProtocol | None:
+        if request.raw_path == "/slow":
+            return None
+        recorders.append(Recorder())
+        return recorders[-1]
+
+    app = App()
+    server = HttpServer(app, hand_over=hand_over, keepalive_timeout=5, request_timeout=5)
+    await server.start("127.0.0.1", 0)
+    request = b"PUT /anything HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+    try:
+        wire = await Wire.open(server)
+        wire.send(request)
+        wire.writer.write_eof()
+        status, _, body = await wire.answer()
+        assert status == 200 and body == request and len(recorders) == 1
+        assert await wire.closed()
+        wire.close()
+
+        wire = await Wire.open(server)
+        wire.send(get("/slow") + request)
+        wire.writer.write_eof()
+        await asyncio.wait_for(app.started.wait(), 5)
+        await asyncio.sleep(0.1)  # the end has arrived while /slow is answered
+        assert len(recorders) == 1
+        app.release.set()
+        assert json.loads((await wire.answer())[2]) == {"slow": True}
+        status, _, body = await wire.answer()
+        assert status == 200 and body == request and len(recorders) == 2
+        assert await wire.closed()
+        wire.close()
+    finally:
+        await server.stop()

@@ -22,7 +22,7 @@ import itertools
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -30,10 +30,12 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
+import multidict
 import orjson
+import yarl
 from kmock._internal import dsl, enums, filtering, k8s, parsing, references, rendering
 
-from controller import jsonbytes
+from controller import http_server, jsonbytes
 from controller.api import crd, models
 from controller.api.validation import Invalid, admit, admit_status
 
@@ -201,6 +203,7 @@ class _DirectRouting(k8s.KubernetesScaffold):
 
 
 _RESOURCES: dict[tuple[str, str | None, str | None], references.resource] = {}
+_TARGETS: dict[tuple[str, str, str], tuple[parsing.ParsedPath, Any]] = {}
 _METHODS = {method.value: method for method in enums.method}
 
 
@@ -218,7 +221,34 @@ async def _parse_request(raw: aiohttp.web.BaseRequest, *, id: int) -> rendering.
             data = await raw.post() or None
         except ValueError:
             data = None
-    path = parsing.parse_path(raw.path)
+    method = _METHODS.get(raw.method) or enums.method(raw.method)  # the enum's own lookup: ~5 us
+    query = dict(raw.query)
+    path, action = _target(method, raw.path, query)
+    return _request_model(
+        id, raw, raw.url, method, query, dict(raw.headers), dict(raw.cookies), body, text, data, path, action
+    )
+
+
+def _target(method: enums.method, path: str, query: dict[str, str]) -> tuple[parsing.ParsedPath, Any]:
+    """The Kubernetes reading of a request: its parsed path and action (None: not an API call)."""
+    parsed = parsing.parse_path(path)
+    return parsed, parsing.guess_k8s(parsed, method, query)
+
+
+def _request_model(
+    id: int,
+    raw: aiohttp.web.BaseRequest | None,
+    url: yarl.URL,
+    method: enums.method,
+    query: dict[str, str],
+    headers: Mapping[str, str],
+    cookies: dict[str, str],
+    body: bytes,
+    text: str,
+    data: Any,
+    path: parsing.ParsedPath,
+    action: Any,
+) -> rendering.Request:
     resource = None
     if path.group is not None:
         key = (path.group, path.version, path.plural)
@@ -227,20 +257,18 @@ async def _parse_request(raw: aiohttp.web.BaseRequest, *, id: int) -> rendering.
             resource = references.resource(group=path.group, version=path.version, plural=path.plural)
             if len(_RESOURCES) < 1024:  # spellings come from clients: keep a bounded set
                 _RESOURCES[key] = resource
-    method = _METHODS.get(raw.method) or enums.method(raw.method)  # the enum's own lookup: ~5 us
-    query = dict(raw.query)
     return rendering.Request(
         id=id,
         raw_request=raw,
-        url=raw.url,
+        url=url,
         method=method,
         params=query,
-        headers=dict(raw.headers),
-        cookies=dict(raw.cookies),
+        headers=headers,
+        cookies=cookies,
         data=data,
         body=body,
         text=text,
-        action=parsing.guess_k8s(path, method, query),
+        action=action,
         resource=resource,
         namespace=path.namespace,
         name=path.name,
@@ -317,6 +345,69 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         meta.setdefault("creationTimestamp", _now())
         meta["resourceVersion"] = str(next(self._versions))
         return obj
+
+    # --- the front: requests answered without aiohttp ------------------------------------------
+
+    def answers_directly(self, request: http_server.Request) -> bool:
+        """Whether ``answer`` serves this request (its head read): an API call that is not a
+        watch, while only the emulator's own reactions are registered, with a body that is
+        JSON or nothing. Anything else goes to kmock's whole path, on aiohttp (see serve)."""
+        if self.limit is not None or len(self._payloads) != self._builtin_payloads:
+            return False
+        if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/")):
+            return False
+        _, action = self._target_of(request)
+        return action is not None and action != enums.action.WATCH
+
+    def _target_of(self, request: http_server.Request) -> tuple[parsing.ParsedPath, Any]:
+        """kmock's reading of the request's method, path and query, remembered by their text
+        (answers_directly reads it, then answer: a create's collection path repeats)."""
+        key = (request.method, request.raw_path, request.query_string)
+        hit = _TARGETS.get(key)
+        if hit is None:
+            method = _METHODS.get(request.method) or enums.method(request.method)
+            hit = _target(method, request.path, request.query)
+            if len(_TARGETS) >= 1024:
+                _TARGETS.clear()
+            _TARGETS[key] = hit
+        return hit
+
+    async def answer(self, request: http_server.Request) -> http_server.Response:
+        """Serve one request that ``answers_directly`` chose, as ``__call__`` serves it from
+        aiohttp: the same request model, handling and errors; the answer is what aiohttp
+        would have sent (status, headers, body)."""
+        body = request.body
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 400,
+                      "reason": "BadRequest", "message": "the body of the request is not UTF-8 text"}  # fmt: skip
+            return http_server.Response(400, jsonbytes.dumps(status), content_type="application/json")
+        try:
+            data = orjson.loads(body)
+        except ValueError:
+            data = None  # as kmock: not JSON and not a form (forms are handed to aiohttp)
+        path, action = self._target_of(request)
+        target = request.raw_path + (f"?{request.query_string}" if request.query_string else "")
+        try:
+            url = yarl.URL(f"http://{request.headers.get('host', 'localhost')}{target}", encoded=True)
+        except ValueError:  # a Host header that is no host
+            url = yarl.URL(f"http://localhost{target}", encoded=True)
+        method = _METHODS.get(request.method) or enums.method(request.method)
+        model = _request_model(
+            len(self._requests), None, url, method, request.query, multidict.CIMultiDict(request.headers),
+            {}, body, text, data, path, action,
+        )  # fmt: skip
+        self._requests.append(model)
+        try:
+            response = await self._handle(model)
+        except Exception as exc:
+            if not self._errors:
+                raise
+            if not self.forget_served_requests:
+                self._errors[-1].append(exc)
+            response = await self._render_error(exc)
+        return _plain(response)
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -800,14 +891,56 @@ def _selected(obj: dict[str, Any], selector: str) -> bool:
     return True
 
 
+def _plain(response: aiohttp.web.StreamResponse) -> http_server.Response:
+    """An aiohttp answer that has not been sent, as the front sends it."""
+    if type(response) is not aiohttp.web.Response or response.prepared:
+        raise RuntimeError(f"the local API cannot send a {type(response).__name__} from its front")
+    body = response.body
+    if body is None:
+        body = b""
+    if not isinstance(body, bytes | bytearray):
+        raise RuntimeError(f"the local API cannot send a body of {type(body).__name__} from its front")
+    headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")]
+    # aiohttp's type for a body with none given
+    content_type = response.headers.get("Content-Type") or "application/octet-stream"
+    return http_server.Response(response.status, bytes(body), headers=headers, content_type=content_type)
+
+
+# A real API server takes request bodies up to 3 MiB.
+MAX_BODY = 3 * 1024 * 1024
+
+
 @asynccontextmanager
 async def serve(
     host: str = "127.0.0.1", port: int = 0, *, forget_served_requests: bool = False
 ) -> AsyncIterator[tuple[LocalKubernetes, str]]:
-    """Run the local Kubernetes API on a loopback port; yields it and its URL."""
+    """Run the local Kubernetes API on a loopback port; yields it and its URL.
+
+    Two servers share the port. The front (controller.http_server, the broker's) reads each
+    request's head and answers API calls itself (LocalKubernetes.answer); a connection whose
+    request it does not answer (a watch, a test's own reaction) is handed, with every byte not
+    yet answered, to aiohttp's server, which kmock runs on, for the rest of its life. Under a
+    burst of creates aiohttp's server, request and response objects cost about as much as the
+    create itself (benchmarks/broker)."""
     api_obj = LocalKubernetes(forget_served_requests=forget_served_requests)
-    async with api_obj as api, kmock.Server(api, host=host, port=port or None) as server:
-        yield api, str(server.url).rstrip("/")
+    async with api_obj as api:
+        # kmock's whole path, as kmock.Server runs it (aiohttp's test server): a handler whose
+        # client went away is cancelled (a watch ends with its connection), errors in full.
+        kmock_server = aiohttp.web.Server(api, handler_cancellation=True, debug=True)
+
+        def hand_over(request: http_server.Request) -> asyncio.BaseProtocol | None:
+            return None if api.answers_directly(request) else kmock_server()
+
+        front = http_server.HttpServer(api.answer, hand_over=hand_over, max_body=MAX_BODY)
+        await front.start(host, port)
+        try:
+            address = f"[{host}]" if ":" in host else host
+            yield api, f"http://{address}:{front.port}"
+        finally:
+            await front.stop()
+            # What aiohttp's runner does on cleanup: idle connections first, then the rest.
+            kmock_server.pre_shutdown()
+            await kmock_server.shutdown(60.0)
 
 
 def write_kubeconfig(path: str, server_url: str, namespace: str = "default") -> None:

@@ -185,13 +185,19 @@ async def test_a_long_running_api_keeps_only_current_versions(forget: bool) -> N
         assert (await client.get(f"{PATH}/gone"))["metadata"]["generation"] == 1
 
 
-async def test_a_body_that_is_not_text_is_answered_as_kmock_answers_it(kube_api) -> None:
+async def test_a_body_that_is_not_text_gets_400_and_changes_nothing(kube_api) -> None:
+    """As the API server: 400 BadRequest (it cannot be JSON), not an internal error."""
     import httpx
 
     async with httpx.AsyncClient(base_url=kube_api[1]) as http:
         answer = await http.post(PATH, content=b"\xff\xfe\xfa", headers={"Content-Type": "application/json"})
-        assert answer.status_code == 500 and answer.json()["kind"] == "Status"
-        assert (await http.get(f"{PATH}")).status_code == 200  # and the API goes on
+        assert answer.status_code == 400
+        assert answer.json() == {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 400,
+            "reason": "BadRequest", "message": "the body of the request is not UTF-8 text",
+        }  # fmt: skip
+        listed = await http.get(PATH)  # and the API goes on, with nothing stored
+        assert listed.status_code == 200 and listed.json()["items"] == []
 
 
 @pytest.mark.parametrize(("metadata", "kind"), [("orders", "string"), (["a"], "array"), (5, "number")])
@@ -218,3 +224,66 @@ async def test_metadata_that_is_not_an_object_gets_400_and_changes_nothing(kube_
         assert patched.status_code == 400, patched.text
         kept = (await http.get(f"{PATH}/kept")).json()
         assert kept["metadata"]["name"] == "kept" and kept["metadata"]["generation"] == 1
+
+
+async def _answer(reader, writer, request: bytes) -> tuple[int, dict[str, str], bytes]:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    writer.write(request)
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 5)
+    return int(head[0][9:12]), headers, body
+
+
+async def test_the_front_answers_calls_and_hands_a_watch_to_kmock_on_the_same_connection(kube_api) -> None:
+    """One keep-alive connection, as a client pool reuses it: creates and gets are answered by
+    the API's front (the broker's HTTP server), a watch is handed with the connection to
+    kmock's server and streams events, and a test's own reaction is kmock's too."""
+    import asyncio
+    import json
+    from urllib.parse import urlsplit
+
+    api: LocalKubernetes = kube_api[0]
+    address = urlsplit(kube_api[1])
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    body = json.dumps(cluster("fronted")).encode()
+    create = (
+        f"POST {PATH} HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    status, headers, answer = await _answer(reader, writer, create)
+    assert status == 201 and headers["server"] == "pgbosh"
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(answer)["metadata"]["generation"] == 1
+    status, headers, answer = await _answer(reader, writer, f"GET {PATH}/fronted HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == 200 and headers["server"] == "pgbosh" and json.loads(answer)["metadata"]["name"] == "fronted"
+    status, headers, answer = await _answer(reader, writer, f"GET {PATH}/absent HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == 404 and json.loads(answer)["reason"] == "NotFound"
+
+    writer.write(f"GET {PATH}?watch=true HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode("latin-1")
+    assert head.startswith("HTTP/1.1 200") and "aiohttp" in head  # kmock's server streams it
+    assert "transfer-encoding: chunked" in head.lower()
+
+    async def next_event() -> dict[str, object]:
+        size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).strip(), 16)
+        chunk = await asyncio.wait_for(reader.readexactly(size + 2), 5)
+        return json.loads(chunk.splitlines()[0])  # type: ignore[no-any-return]
+
+    first = await next_event()
+    assert first["type"] == "ADDED" and first["object"]["metadata"]["name"] == "fronted"  # type: ignore[index]
+    async with KubeClient(kube_api[1]) as other:  # a write on another connection, seen by the watch
+        await other.merge_patch(f"{PATH}/fronted", {"metadata": {"labels": {"seen": "yes"}}})
+    modified = await next_event()
+    assert modified["type"] == "MODIFIED"
+    assert modified["object"]["metadata"]["labels"] == {"seen": "yes"}  # type: ignore[index]
+    writer.close()
+
+    # A test's own reaction: kmock decides, on a connection the front handed over.
+    api["get"][kmock.resource(PGC_RESOURCE)] << {"metadata": {"name": "from-a-reaction"}}
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    status, headers, answer = await _answer(reader, writer, f"GET {PATH}/fronted HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == 200 and "aiohttp" in headers["server"]
+    assert json.loads(answer)["metadata"]["name"] == "from-a-reaction"
+    writer.close()
