@@ -450,7 +450,7 @@ def admit_status(obj: dict[str, Any]) -> None:
 # their defaulted form without metadata. Clusters share a few plan-shaped specs (a broker
 # creates many alike), and of the metadata the schema reads only that it is an object and the
 # root rules read only the name; so a body admitted once needs only the root rules again.
-_ADMITTED: dict[tuple[bytes, bytes | None], dict[str, Any]] = {}
+_ADMITTED: dict[tuple[bytes, bytes | None], bytes] = {}  # as orjson, which copies it back ~10x as fast
 _ADMITTED_MAX = 1024
 
 
@@ -485,7 +485,7 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, A
     if body is not None:
         # The same body passed schema and every rule below the root: run the root's own
         # rules, which may read the name. A fresh copy: the caller owns what it gets.
-        defaulted = {**_json_copy(body), "metadata": obj["metadata"]}
+        defaulted = {**orjson.loads(body), "metadata": obj["metadata"]}
         root = _node(schema)
         if root is not None:
             old_root = _cel_root(apply_defaults(schema, old)) if old is not None else None
@@ -503,6 +503,11 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, A
     if key is not None:
         if len(_ADMITTED) >= _ADMITTED_MAX:
             _ADMITTED.clear()
-        _ADMITTED[key] = _json_copy(_without_metadata(defaulted))
+        try:
+            remembered = orjson.dumps(_without_metadata(defaulted))
+        except TypeError:  # an integer beyond 64 bits, say: not remembered
+            remembered = None
+        if remembered is not None and orjson.loads(remembered) == _without_metadata(defaulted):
+            _ADMITTED[key] = remembered  # only what reads back as it was (NaN would not)
     result: dict[str, Any] = defaulted
     return result
