@@ -7,7 +7,8 @@ resourceVersion, uid, creationTimestamp and generation on writes, and `kind`
 on lists; for PostgresCluster: admission (defaults, schema, CEL rules) with the
 API server's 422 answer, the status subresource (spec and status written
 separately), and server-side printing (`kubectl get pgc` shows the CRD's printer
-columns).
+columns). Watch streams are labelled JSON, start after the resourceVersion a client
+gives, and carry Tables to a client that asks for them (`kubectl get pgc -w`).
 """
 
 from __future__ import annotations
@@ -330,8 +331,21 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         self.objects[kmock.resource(CRD_RESOURCE), None, definition["metadata"]["name"]] = self._stamp(definition)
         for namespace in ("default", "kube-system"):
             self.add_namespace(namespace)
+        self._label_watch_streams()
         self._routes = self._routing_table()
         self._builtin_payloads = len(self._payloads)
+
+    def _label_watch_streams(self) -> None:
+        """kmock streams watch events with no Content-Type (aiohttp then says
+        application/octet-stream), and kubectl refuses such a stream ("no stream serializers
+        registered for application/octet-stream"): `kubectl get -w` failed. The API server
+        labels a JSON watch stream application/json."""
+        for payload in list(self._payloads):
+            handler = getattr(getattr(payload, "response", None), "payload", None)
+            if getattr(handler, "__func__", None) is LocalKubernetes._serve_watch:
+                payload << kmock.headers({"Content-Type": "application/json"})
+                return
+        raise RuntimeError("kmock's watch reaction was not found: the local API cannot label its watch streams")
 
     def add_namespace(self, name: str) -> None:
         # kmock 0.8 parses POST /api/v1/namespaces as a namespaced path, so namespaces are seeded here.
@@ -638,6 +652,27 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         if _wants_table(request):
             return self._table(request, payload["items"], payload["metadata"])
         return payload
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        """kmock's watch, with two things of the API server's:
+
+        - from a resourceVersion (as kubectl and informers watch after a list): kmock replays
+          every object as ADDED; those not changed since that version are left out;
+        - for a client that asks for Tables (`kubectl get -w`), each event's object as a
+          Table of one row with the resource's columns."""
+        table = _wants_table(request)
+        since = request.params.get("resourceVersion", "")
+        after = int(since) if since.isdigit() and since != "0" else None  # "0" or none: from now, all
+        async for item in super()._serve_watch(request):
+            if after is not None and isinstance(item, dict) and item.get("type") == "ADDED":
+                version = str(((item.get("object") or {}).get("metadata") or {}).get("resourceVersion", ""))
+                if version.isdigit() and int(version) <= after:
+                    continue
+            if table and isinstance(item, dict) and isinstance(item.get("object"), dict):
+                obj = item["object"]
+                meta = {"resourceVersion": (obj.get("metadata") or {}).get("resourceVersion")}
+                item = {"type": item.get("type"), "object": self._table(request, [obj], meta)}
+            yield item
 
     # kmock finds the object of a request by scanning every stored object (events included),
     # which grows with the cluster; a named request finds it by its key instead.

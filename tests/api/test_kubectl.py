@@ -61,3 +61,49 @@ async def test_kubectl_get_events_with_a_field_selector(kube_api, kube) -> None:
     code, out, err = await kubectl(kubeconfig, "get", "events", "--field-selector", "involvedObject.name=demo")
     assert code == 0, err
     assert "Deploying" in out and "Deleting" not in out
+
+
+async def test_kubectl_get_watch_prints_a_row_per_change_with_the_printer_columns(kube_api, kube) -> None:
+    """`kubectl get pgc -w`, which `pgbosh dev` suggests: the watch stream is JSON (kubectl
+    refuses an octet-stream), and each event's object a Table row with the CRD's columns.
+    `-o json -w` still gets the objects themselves."""
+    import asyncio
+    import json
+    import os
+
+    from conftest import kubectl_binary
+
+    _, _, kubeconfig = kube_api
+    path = "/apis/pgbosh.dev/v1alpha1/namespaces/default/postgresclusters"
+    body = {"apiVersion": "pgbosh.dev/v1alpha1", "kind": "PostgresCluster",
+            "metadata": {"name": "watched", "namespace": "default"}, "spec": {"instances": 3}}  # fmt: skip
+
+    async def watch(*args: str) -> tuple[int | None, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            kubectl_binary(), "--kubeconfig", kubeconfig, "get", "pgc", "-w", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "HOME": os.path.dirname(kubeconfig)},
+        )  # fmt: skip
+        await asyncio.sleep(1.5)  # listed and watching
+        return_early = proc.returncode
+        await kube.merge_patch(f"{path}/watched/status", {"status": {"phase": "Ready", "readyInstances": 3}})
+        await asyncio.sleep(1.5)
+        if proc.returncode is None:
+            proc.terminate()
+        out, err = await proc.communicate()
+        return return_early, out.decode(), err.decode()
+
+    await kube.create(path, body)
+    early, out, err = await watch()
+    assert early is None and "serializer" not in err, err  # still watching when the change came
+    header, *rows = out.splitlines()
+    assert header.split() == ["NAME", "INSTANCES", "READY", "PRIMARY", "PHASE", "AGE"]
+    assert [r.split()[:2] for r in rows] == [["watched", "3"], ["watched", "3"]]
+    assert rows[-1].split()[2:4] == ["3", "Ready"]  # the change, with the columns filled in
+
+    await kube.merge_patch(f"{path}/watched/status", {"status": {"phase": "Provisioning", "readyInstances": 1}})
+    early, out, err = await watch("-o", "json")
+    assert early is None, err
+    objects = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00") if chunk.strip()]
+    assert [o["kind"] for o in objects] == ["PostgresCluster", "PostgresCluster"]
+    assert objects[-1]["status"]["phase"] == "Ready"

@@ -287,3 +287,41 @@ async def test_the_front_answers_calls_and_hands_a_watch_to_kmock_on_the_same_co
     assert status == 200 and "aiohttp" in headers["server"]
     assert json.loads(answer)["metadata"]["name"] == "from-a-reaction"
     writer.close()
+
+
+async def test_a_watch_from_a_resource_version_leaves_out_what_did_not_change_since(kube_api, kube) -> None:
+    """As the API server: a watch from the list's resourceVersion sends only what changed after
+    it; without one (or from "0") it starts with every object as ADDED. Streams are JSON."""
+    import asyncio
+    import contextlib
+    import json
+
+    import httpx
+
+    await kube.create(PATH, cluster("old"))
+    await kube.create(PATH, cluster("older"))
+    listed = await kube.get(PATH)
+    version = listed["metadata"]["resourceVersion"]
+
+    async def events(params: dict[str, str], change: str | None) -> tuple[str, list[tuple[str, str]]]:
+        seen: list[tuple[str, str]] = []
+        async with httpx.AsyncClient(base_url=kube_api[1], timeout=10) as http:
+            async with http.stream("GET", PATH, params={"watch": "true", **params}) as stream:
+                if change:
+                    await kube.merge_patch(f"{PATH}/{change}", {"metadata": {"labels": {"changed": "yes"}}})
+
+                async def read() -> None:
+                    async for line in stream.aiter_lines():
+                        if line.strip():
+                            event = json.loads(line)
+                            seen.append((event["type"], event["object"]["metadata"]["name"]))
+
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(read(), 1.0)
+                return stream.headers["content-type"], seen
+
+    content_type, seen = await events({"resourceVersion": version}, change="older")
+    assert content_type == "application/json" and seen == [("MODIFIED", "older")]
+    for params in ({}, {"resourceVersion": "0"}):
+        _, seen = await events(params, change=None)
+        assert sorted(seen) == [("ADDED", "old"), ("ADDED", "older")]
