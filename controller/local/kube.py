@@ -728,7 +728,11 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         return None
 
     def _table(self, request: rendering.Request, items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-        columns: list[dict[str, Any]] = [{"name": "Name", "type": "string", "format": "name", "description": "Name"}]
+        # The API server's table for events has Name last, and only for -o wide (priority 1).
+        name_last = request.resource == _EVENTS
+        name_column = {"name": "Name", "type": "string", "format": "name", "description": "Name",
+                       "priority": 1 if name_last else 0}  # fmt: skip
+        columns: list[dict[str, Any]] = [] if name_last else [name_column]
         extra: list[dict[str, Any]] = []
         if request.resource == _PGC:
             extra = crd.PRINTER_COLUMNS
@@ -742,17 +746,23 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
                 "type": "string" if c["type"] == "date" else c["type"],
                 "format": "",
                 "description": c.get("description", ""),
+                "priority": 0,
             }
             for c in extra
         ]
+        if name_last:
+            columns.append(name_column)
         rows = []
         for item in items:
-            cells: list[Any] = [item.get("metadata", {}).get("name")]
+            name = item.get("metadata", {}).get("name")
+            cells: list[Any] = [] if name_last else [name]
             for column in extra:
                 value = _json_path(item, column["jsonPath"])
                 if value is None and column["type"] == "date":
                     value = _json_path(item, ".metadata.creationTimestamp")
                 cells.append(_age(value) if column["type"] == "date" else value)
+            if name_last:
+                cells.append(name)
             partial = {
                 "apiVersion": "meta.k8s.io/v1",
                 "kind": "PartialObjectMetadata",

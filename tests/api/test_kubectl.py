@@ -61,6 +61,10 @@ async def test_kubectl_get_events_with_a_field_selector(kube_api, kube) -> None:
     code, out, err = await kubectl(kubeconfig, "get", "events", "--field-selector", "involvedObject.name=demo")
     assert code == 0, err
     assert "Deploying" in out and "Deleting" not in out
+    # As from the API server: the name only with -o wide.
+    assert out.splitlines()[0].split() == ["LAST", "SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"]
+    code, out, err = await kubectl(kubeconfig, "get", "events", "-o", "wide")
+    assert code == 0 and out.splitlines()[0].split()[-1] == "NAME" and "demo.1" in out, err
 
 
 async def test_kubectl_get_watch_prints_a_row_per_change_with_the_printer_columns(kube_api, kube) -> None:
