@@ -323,7 +323,11 @@ class _Connection(asyncio.Protocol):
             self._scanned = 0
             self._head = self._parse_head(bytes(buffer[:end]), end + 4)
             if self._server.hand_over is not None:
-                protocol = self._server.hand_over(self._head[0])
+                try:
+                    protocol = self._server.hand_over(self._head[0])
+                except Exception:
+                    log.exception("internal error handing over %s %s", self._head[0].method, self._head[0].raw_path)
+                    raise HttpError(500, "the server failed; see its log", close=True) from None
                 if protocol is not None:
                     self._give_to(protocol)
                     return None

@@ -555,3 +555,29 @@ async def test_the_end_of_sending_that_came_with_a_declined_request_reaches_the_
         wire.close()
     finally:
         await server.stop()
+
+
+async def test_a_hand_over_check_that_fails_gets_500_and_the_server_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    def hand_over(request: Request) -> asyncio.BaseProtocol | None:
+        if request.raw_path == "/boom":
+            raise RuntimeError("secret-detail")
+        return None
+
+    server = HttpServer(App(), hand_over=hand_over, keepalive_timeout=5, request_timeout=5)
+    await server.start("127.0.0.1", 0)
+    try:
+        wire = await Wire.open(server)
+        with caplog.at_level(logging.ERROR, logger="controller.http_server"):
+            wire.send(get("/boom"))
+            status, headers, body = await wire.answer()
+        assert status == 500 and headers["connection"] == "close"
+        assert json.loads(body) == {"error": "Internal Server Error", "description": "the server failed; see its log"}
+        assert "secret-detail" not in body.decode() and "handing over GET /boom" in caplog.text
+        assert await wire.closed()
+        wire.close()
+        other = await Wire.open(server)
+        other.send(get("/echo/after"))
+        assert (await other.answer())[0] == 200
+        other.close()
+    finally:
+        await server.stop()
