@@ -74,6 +74,7 @@ async def test_kubectl_get_watch_prints_a_row_per_change_with_the_printer_column
     import asyncio
     import json
     import os
+    from collections.abc import Callable
 
     from conftest import kubectl_binary
 
@@ -82,32 +83,41 @@ async def test_kubectl_get_watch_prints_a_row_per_change_with_the_printer_column
     body = {"apiVersion": "pgbosh.dev/v1alpha1", "kind": "PostgresCluster",
             "metadata": {"name": "watched", "namespace": "default"}, "spec": {"instances": 3}}  # fmt: skip
 
-    async def watch(*args: str) -> tuple[int | None, str, str]:
+    async def watch(status: dict[str, object], *args: str, ends_an_item: Callable[[str], bool]) -> list[str]:
+        """kubectl's lines until it printed one item (the list), then, after the change, a second."""
         proc = await asyncio.create_subprocess_exec(
             kubectl_binary(), "--kubeconfig", kubeconfig, "get", "pgc", "-w", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "HOME": os.path.dirname(kubeconfig)},
         )  # fmt: skip
-        await asyncio.sleep(1.5)  # listed and watching
-        return_early = proc.returncode
-        await kube.merge_patch(f"{path}/watched/status", {"status": {"phase": "Ready", "readyInstances": 3}})
-        await asyncio.sleep(1.5)
-        if proc.returncode is None:
-            proc.terminate()
-        out, err = await proc.communicate()
-        return return_early, out.decode(), err.decode()
+        assert proc.stdout is not None and proc.stderr is not None
+        lines: list[str] = []
+        try:
+            for item in range(2):
+                if item == 1:
+                    await kube.merge_patch(f"{path}/watched/status", {"status": status})
+                while True:
+                    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+                    if not line:  # kubectl stopped watching
+                        raise AssertionError((await proc.stderr.read()).decode())
+                    lines.append(line.rstrip("\n"))
+                    if ends_an_item(lines[-1]):
+                        break
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+        return lines
 
     await kube.create(path, body)
-    early, out, err = await watch()
-    assert early is None and "serializer" not in err, err  # still watching when the change came
-    header, *rows = out.splitlines()
+    lines = await watch({"phase": "Ready", "readyInstances": 3}, ends_an_item=lambda line: line.startswith("watched"))
+    header, *rows = lines
     assert header.split() == ["NAME", "INSTANCES", "READY", "PRIMARY", "PHASE", "AGE"]
     assert [r.split()[:2] for r in rows] == [["watched", "3"], ["watched", "3"]]
     assert rows[-1].split()[2:4] == ["3", "Ready"]  # the change, with the columns filled in
 
-    await kube.merge_patch(f"{path}/watched/status", {"status": {"phase": "Provisioning", "readyInstances": 1}})
-    early, out, err = await watch("-o", "json")
-    assert early is None, err
-    objects = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00") if chunk.strip()]
+    provisioning = {"phase": "Provisioning", "readyInstances": 1}
+    lines = await watch(provisioning, "-o", "json", ends_an_item=lambda line: line == "}")
+    objects = json.loads("[" + "\n".join(lines).replace("}\n{", "},\n{") + "]")
     assert [o["kind"] for o in objects] == ["PostgresCluster", "PostgresCluster"]
-    assert objects[-1]["status"]["phase"] == "Ready"
+    assert [o["status"]["phase"] for o in objects] == ["Ready", "Provisioning"]
