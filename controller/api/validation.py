@@ -503,11 +503,12 @@ def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, A
     if key is not None:
         if len(_ADMITTED) >= _ADMITTED_MAX:
             _ADMITTED.clear()
+        body_only = _without_metadata(defaulted)
         try:
-            remembered = orjson.dumps(_without_metadata(defaulted))
+            remembered = orjson.dumps(body_only)
         except TypeError:  # an integer beyond 64 bits, say: not remembered
             remembered = None
-        if remembered is not None and orjson.loads(remembered) == _without_metadata(defaulted):
+        if remembered is not None and orjson.loads(remembered) == body_only:
             _ADMITTED[key] = remembered  # only what reads back as it was (NaN would not)
     result: dict[str, Any] = defaulted
     return result

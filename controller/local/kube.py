@@ -139,7 +139,7 @@ class _DirectRouting(k8s.KubernetesScaffold):
         here the request is parsed to the same model with its resource looked up once per
         spelling. Watches, plain HTTP, request limits and tests' own reactions (which may
         stream) take kmock's whole path."""
-        if self.limit is not None or len(self._payloads) != self._builtin_payloads:
+        if not self._own_reactions_only():
             return await super().__call__(raw_request)
         try:
             request = await _parse_request(raw_request, id=len(self._requests))
@@ -147,6 +147,15 @@ class _DirectRouting(k8s.KubernetesScaffold):
             return await super().__call__(raw_request)
         if request.action is None or request.action == enums.action.WATCH:
             return await super().__call__(raw_request)
+        return await self._serve_model(request)
+
+    def _own_reactions_only(self) -> bool:
+        """No request limit and no reaction beyond the emulator's own: its routes can be taken
+        directly (otherwise kmock decides, as it would)."""
+        return self.limit is None and len(self._payloads) == self._builtin_payloads
+
+    async def _serve_model(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        """Record and handle a parsed request; an error is rendered as kmock renders it."""
         self._requests.append(request)
         try:
             return await self._handle(request)
@@ -204,8 +213,12 @@ class _DirectRouting(k8s.KubernetesScaffold):
 
 
 _RESOURCES: dict[tuple[str, str | None, str | None], references.resource] = {}
-_TARGETS: dict[tuple[str, str, str], tuple[parsing.ParsedPath, Any]] = {}
+_TARGETS: dict[tuple[str, str, str], tuple[enums.method, parsing.ParsedPath, Any]] = {}
 _METHODS = {method.value: method for method in enums.method}
+
+
+def _method(name: str) -> enums.method:
+    return _METHODS.get(name) or enums.method(name)  # the enum's own lookup: ~5 us
 
 
 async def _parse_request(raw: aiohttp.web.BaseRequest, *, id: int) -> rendering.Request:
@@ -222,7 +235,7 @@ async def _parse_request(raw: aiohttp.web.BaseRequest, *, id: int) -> rendering.
             data = await raw.post() or None
         except ValueError:
             data = None
-    method = _METHODS.get(raw.method) or enums.method(raw.method)  # the enum's own lookup: ~5 us
+    method = _method(raw.method)
     query = dict(raw.query)
     path, action = _target(method, raw.path, query)
     return _request_model(
@@ -366,21 +379,21 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         """Whether ``answer`` serves this request (its head read): an API call that is not a
         watch, while only the emulator's own reactions are registered, with a body that is
         JSON or nothing. Anything else goes to kmock's whole path, on aiohttp (see serve)."""
-        if self.limit is not None or len(self._payloads) != self._builtin_payloads:
+        if not self._own_reactions_only():
             return False
         if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/")):
             return False
-        _, action = self._target_of(request)
+        _, _, action = self._target_of(request)
         return action is not None and action != enums.action.WATCH
 
-    def _target_of(self, request: http_server.Request) -> tuple[parsing.ParsedPath, Any]:
+    def _target_of(self, request: http_server.Request) -> tuple[enums.method, parsing.ParsedPath, Any]:
         """kmock's reading of the request's method, path and query, remembered by their text
         (answers_directly reads it, then answer: a create's collection path repeats)."""
         key = (request.method, request.raw_path, request.query_string)
         hit = _TARGETS.get(key)
         if hit is None:
-            method = _METHODS.get(request.method) or enums.method(request.method)
-            hit = _target(method, request.path, request.query)
+            method = _method(request.method)
+            hit = (method, *_target(method, request.path, request.query))
             if len(_TARGETS) >= 1024:
                 _TARGETS.clear()
             _TARGETS[key] = hit
@@ -401,27 +414,17 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
             data = orjson.loads(body)
         except ValueError:
             data = None  # as kmock: not JSON and not a form (forms are handed to aiohttp)
-        path, action = self._target_of(request)
+        method, path, action = self._target_of(request)
         target = request.raw_path + (f"?{request.query_string}" if request.query_string else "")
         try:
             url = yarl.URL(f"http://{request.headers.get('host', 'localhost')}{target}", encoded=True)
         except ValueError:  # a Host header that is no host
             url = yarl.URL(f"http://localhost{target}", encoded=True)
-        method = _METHODS.get(request.method) or enums.method(request.method)
         model = _request_model(
             len(self._requests), None, url, method, request.query, multidict.CIMultiDict(request.headers),
             {}, body, text, data, path, action,
         )  # fmt: skip
-        self._requests.append(model)
-        try:
-            response = await self._handle(model)
-        except Exception as exc:
-            if not self._errors:
-                raise
-            if not self.forget_served_requests:
-                self._errors[-1].append(exc)
-            response = await self._render_error(exc)
-        return _plain(response)
+        return _plain(await self._serve_model(model))
 
     # --- writes -------------------------------------------------------------------------------
 
