@@ -29,6 +29,8 @@ ADMIN_PASSWORD = "admin'pw:1"
 REPLICATION_PASSWORD = "repl'pw:2"
 PORT = 5432
 CONSUL_SERVICE = "pg-test"
+# repmgrd notices a lost primary within seconds: the failover tests' timings.
+FAST_DETECTION = {"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnect_interval": 1}
 
 
 def free_addresses(count: int) -> list[str]:

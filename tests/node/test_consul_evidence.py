@@ -16,6 +16,7 @@ from controller.local.consul.server import serve_in_thread
 
 from .cluster import (
     CONSUL_SERVICE,
+    FAST_DETECTION,
     PORT,
     Node,
     job_running,
@@ -28,7 +29,6 @@ from .cluster import (
 
 pytestmark = pytest.mark.slow
 
-FAST_DETECTION = {"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnect_interval": 1}
 
 
 def master(http_addr: str) -> str | None:

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from .cluster import Node, job_running, running_cluster, wait_for, wait_for_node
+from .cluster import FAST_DETECTION, Node, job_running, running_cluster, wait_for, wait_for_node
 
 pytestmark = pytest.mark.slow
 
-FAST_DETECTION = {"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnect_interval": 1}
 
 
 @pytest.fixture(scope="module")

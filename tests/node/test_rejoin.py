@@ -26,6 +26,7 @@ import psycopg
 import pytest
 
 from .cluster import (
+    FAST_DETECTION,
     Node,
     agent_log_tail,
     job_running,
@@ -39,7 +40,6 @@ from .cluster import (
 
 pytestmark = pytest.mark.slow
 
-FAST_DETECTION = {"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnect_interval": 1}
 # Slots keep at most 32 MB (two segments) of WAL and nothing else keeps any: a standby
 # that falls further behind loses its slot and the primary removes the WAL.
 SMALL_WAL_RETENTION = {"wal_keep_size": "0", "max_slot_wal_keep_size": "32MB"}

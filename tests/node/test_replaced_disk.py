@@ -23,6 +23,7 @@ import psycopg
 import pytest
 
 from .cluster import (
+    FAST_DETECTION,
     Node,
     agent_log_tail,
     job_running,
@@ -36,7 +37,6 @@ from .cluster import (
 
 pytestmark = pytest.mark.slow
 
-FAST_DETECTION = {"monitor_interval_secs": 1, "reconnect_attempts": 2, "reconnect_interval": 1}
 
 
 @pytest.fixture
