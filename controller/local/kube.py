@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import collections.abc
 import copy
 import fnmatch
 import functools
@@ -317,6 +319,11 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
     # kmock records every request for test assertions, and matches reactions by scanning that
     # record: a long-running API (pgbosh dev, benchmarks) forgets each request once it is served.
     forget_served_requests: bool = False
+    # What a watch from a resourceVersion needs that kmock does not keep (see _serve_watch): the
+    # version each live object was created at, by uid, and the last MAX_DELETIONS deletions.
+    _born: dict[str, int] = attrs.field(factory=dict, init=False)
+    _deletions: collections.deque[_Deletion] = attrs.field(factory=collections.deque, init=False)
+    _forgotten_up_to: int = attrs.field(default=0, init=False)  # deletions up to it are not known
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -340,8 +347,8 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         self.fallback["get /openapi/v3"] << self._serve_openapi_index
         self.fallback[f"get /openapi/v3/apis/{models.GROUP}/{models.VERSION}"] << self._serve_openapi_group
         self.fallback["get /openapi/v2"] << self._serve_openapi_v2
-        definition = crd.crd()
-        self.objects[kmock.resource(CRD_RESOURCE), None, definition["metadata"]["name"]] = self._stamp(definition)
+        definition = self._born_now(self._stamp(crd.crd()))
+        self.objects[kmock.resource(CRD_RESOURCE), None, definition["metadata"]["name"]] = definition
         for namespace in ("default", "kube-system"):
             self.add_namespace(namespace)
         self._label_watch_streams()
@@ -362,8 +369,8 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
 
     def add_namespace(self, name: str) -> None:
         # kmock 0.8 parses POST /api/v1/namespaces as a namespaced path, so namespaces are seeded here.
-        self.objects[kmock.resource("v1/namespaces"), None, name] = self._stamp(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        self.objects[kmock.resource("v1/namespaces"), None, name] = self._born_now(
+            self._stamp({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         )
 
     def _stamp(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -372,6 +379,34 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         meta.setdefault("creationTimestamp", _now())
         meta["resourceVersion"] = str(next(self._versions))
         return obj
+
+    def _born_now(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Remember the version a stored object (stamped) was created at."""
+        meta = obj["metadata"]
+        self._born[meta["uid"]] = int(meta["resourceVersion"])
+        return obj
+
+    def _note_life(self, request: rendering.Request) -> None:
+        """After a write was served: a create's object is born, and an object a delete (or
+        the update that removed its last finalizer) removed is remembered as deleted, with
+        a version of its own, for watches from a version before it (see _serve_watch)."""
+        if request.action == enums.action.CREATE:
+            if isinstance(request.data, dict):
+                self._born_now(request.data)
+            return
+        if request.name is None or request.action not in (enums.action.DELETE, enums.action.UPDATE):
+            return
+        obj = self._stored(request)
+        if obj is None or not obj.deleted:
+            return
+        last = obj.last.raw
+        born = self._born.pop(str((last.get("metadata") or {}).get("uid")), None)
+        if born is None:  # its deletion is known already (or it was never created here)
+            return
+        assert request.resource is not None
+        self._deletions.append(_Deletion(next(self._versions), born, request.resource, last))
+        while len(self._deletions) > MAX_DELETIONS:
+            self._forgotten_up_to = self._deletions.popleft().version
 
     # --- the front: requests answered without aiohttp ------------------------------------------
 
@@ -550,6 +585,8 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
             response = await super()._handle(request)
             if request.action == enums.action.CREATE and response.status == 200 and not response.prepared:
                 response.set_status(201)  # the API server's answer to a create: 201 Created
+            if request.resource is not None and response.status < 300:
+                self._note_life(request)
             return response
         except k8s.KubernetesObjectNotFoundError:
             raise _object_error(request, 404, "NotFound", "not found") from None
@@ -657,24 +694,51 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         return payload
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
-        """kmock's watch, with two things of the API server's:
+        """kmock's watch, with what the API server does besides:
 
-        - from a resourceVersion (as kubectl and informers watch after a list): kmock replays
-          every object as ADDED; those not changed since that version are left out;
+        - from a resourceVersion (kubectl and informers watch from their list's): what changed
+          since, as its event. kmock replays every object as ADDED; here an object not changed
+          since is left out, one changed since is MODIFIED, and the objects deleted since come
+          first as DELETED. A version older than the deletions kept gets 410 Expired;
+        - label and field selectors, as for lists. (An object that stops matching is not sent
+          as DELETED, as the API server would: it is no longer sent at all);
         - for a client that asks for Tables (`kubectl get -w`), each event's object as a
           Table of one row with the resource's columns."""
         table = _wants_table(request)
         since = request.params.get("resourceVersion", "")
         after = int(since) if since.isdigit() and since != "0" else None  # "0" or none: from now, all
-        async for item in super()._serve_watch(request):
-            if after is not None and isinstance(item, dict) and item.get("type") == "ADDED":
-                version = str(((item.get("object") or {}).get("metadata") or {}).get("resourceVersion", ""))
-                if version.isdigit() and int(version) <= after:
-                    continue
-            if table and isinstance(item, dict) and isinstance(item.get("object"), dict):
+        labels = request.params.get("labelSelector")
+        fields = request.params.get("fieldSelector")
+        events = super()._serve_watch(request)
+        yield await anext(events)  # kmock's first item starts the stream (headers)
+        deleted: list[dict[str, Any]] = []
+        if after is not None:
+            if after < self._forgotten_up_to:
+                yield {"type": "ERROR", "object": _expired(after, self._forgotten_up_to)}
+                if isinstance(events, collections.abc.AsyncGenerator):
+                    await events.aclose()
+                return
+            deleted = [
+                {"type": "DELETED", "object": deletion.object}
+                for deletion in self._deletions
+                if deletion.version > after >= deletion.born and deletion.watched_by(request)
+            ]
+        async for item in _chain(deleted, events):
+            if isinstance(item, dict) and isinstance(item.get("object"), dict):
                 obj = item["object"]
-                meta = {"resourceVersion": (obj.get("metadata") or {}).get("resourceVersion")}
-                item = {"type": item.get("type"), "object": self._table(request, [obj], meta)}
+                meta = obj.get("metadata") or {}
+                if after is not None and item.get("type") == "ADDED":
+                    version = str(meta.get("resourceVersion", ""))
+                    if version.isdigit() and int(version) <= after:
+                        continue  # unchanged since the client's version
+                    born = self._born.get(str(meta.get("uid")))
+                    if born is not None and born <= after:
+                        item = {"type": "MODIFIED", "object": obj}
+                if (labels and not _selected(obj, labels)) or (fields and not _fields_selected(obj, fields)):
+                    continue
+                if table:
+                    one_row = self._table(request, [obj], {"resourceVersion": meta.get("resourceVersion")})
+                    item = {"type": item.get("type"), "object": one_row}
             yield item
 
     # kmock finds the object of a request by scanning every stored object (events included),
@@ -956,6 +1020,45 @@ def _plain(response: aiohttp.web.StreamResponse) -> http_server.Response:
 
 # A real API server takes request bodies up to 3 MiB.
 MAX_BODY = 3 * 1024 * 1024
+# Deletions a watch from an older resourceVersion can still be told of (the API server keeps
+# about five minutes of changes); a version before the oldest kept gets 410 Expired.
+MAX_DELETIONS = 10_000
+
+
+@attrs.frozen
+class _Deletion:
+    version: int  # the deletion's own resourceVersion
+    born: int  # the version the object was created at
+    resource: Any
+    last: dict[str, Any]  # the object as it was last
+
+    @property
+    def object(self) -> dict[str, Any]:
+        """The object as a DELETED event carries it: as it was last, at the deletion's version."""
+        return {**self.last, "metadata": {**(self.last.get("metadata") or {}), "resourceVersion": str(self.version)}}
+
+    def watched_by(self, request: rendering.Request) -> bool:
+        meta = self.last.get("metadata") or {}
+        return (
+            self.resource == request.resource
+            and (request.namespace is None or meta.get("namespace") == request.namespace)
+            and (request.name is None or meta.get("name") == request.name)
+        )
+
+
+def _expired(asked: int, oldest: int) -> dict[str, Any]:
+    """The Status of the API server's ERROR event for a watch from a compacted version."""
+    return {
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+        "message": f"too old resource version: {asked} ({oldest})",
+    }  # fmt: skip
+
+
+async def _chain(first: list[dict[str, Any]], then: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    for item in first:
+        yield item
+    async for item in then:
+        yield item
 
 
 @asynccontextmanager

@@ -70,11 +70,12 @@ async def test_kubectl_get_events_with_a_field_selector(kube_api, kube) -> None:
 async def test_kubectl_get_watch_prints_a_row_per_change_with_the_printer_columns(kube_api, kube) -> None:
     """`kubectl get pgc -w`, which `pgbosh dev` suggests: the watch stream is JSON (kubectl
     refuses an octet-stream), and each event's object a Table row with the CRD's columns.
-    `-o json -w` still gets the objects themselves."""
+    `-o json -w` still gets the objects themselves; `-l` chooses what the watch sends, and
+    `--output-watch-events` shows the list's object ADDED and the change MODIFIED."""
     import asyncio
     import json
     import os
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from conftest import kubectl_binary
 
@@ -83,8 +84,14 @@ async def test_kubectl_get_watch_prints_a_row_per_change_with_the_printer_column
     body = {"apiVersion": "pgbosh.dev/v1alpha1", "kind": "PostgresCluster",
             "metadata": {"name": "watched", "namespace": "default"}, "spec": {"instances": 3}}  # fmt: skip
 
-    async def watch(status: dict[str, object], *args: str, ends_an_item: Callable[[str], bool]) -> list[str]:
-        """kubectl's lines until it printed one item (the list), then, after the change, a second."""
+    async def watch(
+        status: dict[str, object],
+        *args: str,
+        ends_an_item: Callable[[str], bool],
+        also: Callable[[], Awaitable[object]] | None = None,
+    ) -> list[str]:
+        """kubectl's lines until it printed one item (the list), then, after the change (and
+        ``also``'s, first), a second."""
         proc = await asyncio.create_subprocess_exec(
             kubectl_binary(), "--kubeconfig", kubeconfig, "get", "pgc", "-w", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -95,6 +102,8 @@ async def test_kubectl_get_watch_prints_a_row_per_change_with_the_printer_column
         try:
             for item in range(2):
                 if item == 1:
+                    if also is not None:
+                        await also()
                     await kube.merge_patch(f"{path}/watched/status", {"status": status})
                 while True:
                     line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
@@ -121,3 +130,16 @@ async def test_kubectl_get_watch_prints_a_row_per_change_with_the_printer_column
     objects = json.loads("[" + "\n".join(lines).replace("}\n{", "},\n{") + "]")
     assert [o["kind"] for o in objects] == ["PostgresCluster", "PostgresCluster"]
     assert [o["status"]["phase"] for o in objects] == ["Ready", "Provisioning"]
+
+    await kube.merge_patch(f"{path}/watched", {"metadata": {"labels": {"tier": "db"}}})
+
+    def unlabelled() -> Awaitable[object]:
+        return kube.create(path, {**body, "metadata": {"name": "unlabelled", "namespace": "default"}})
+
+    args = ("-l", "tier=db", "--output-watch-events")
+    lines = await watch(
+        {"phase": "Ready"}, *args, ends_an_item=lambda line: line.split()[1:2] == ["watched"], also=unlabelled
+    )
+    header, *rows = lines
+    assert header.split()[:2] == ["EVENT", "NAME"]
+    assert [r.split()[:2] for r in rows] == [["ADDED", "watched"], ["MODIFIED", "watched"]]

@@ -4,6 +4,11 @@ reactions), keyed object lookup, and validation ratcheting on updates."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import kmock
 import pytest
 
@@ -289,40 +294,135 @@ async def test_the_front_answers_calls_and_hands_a_watch_to_kmock_on_the_same_co
     writer.close()
 
 
+async def _watch(
+    url: str, params: dict[str, str], count: int, then: Callable[[], Awaitable[object]] | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """A raw watch on the clusters: the stream's type and its first ``count`` events. ``then``
+    runs once the stream is open (a replay comes before what it changes)."""
+    import httpx
+
+    seen: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        async with http.stream("GET", PATH, params={"watch": "true", **params}) as stream:
+            if then is not None:
+                await then()
+
+            async def read() -> None:
+                async for line in stream.aiter_lines():
+                    if line.strip():
+                        seen.append(json.loads(line))
+                        if len(seen) == count:
+                            return
+
+            await asyncio.wait_for(read(), 20)
+            return stream.headers["content-type"], seen
+
+
+def _named(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(event["type"], event["object"]["metadata"]["name"]) for event in events]
+
+
 async def test_a_watch_from_a_resource_version_leaves_out_what_did_not_change_since(kube_api, kube) -> None:
     """As the API server: a watch from the list's resourceVersion sends only what changed after
     it; without one (or from "0") it starts with every object as ADDED. Streams are JSON."""
-    import asyncio
-    import json
-
-    import httpx
-
     await kube.create(PATH, cluster("old"))
     await kube.create(PATH, cluster("older"))
     listed = await kube.get(PATH)
     version = listed["metadata"]["resourceVersion"]
 
-    async def events(params: dict[str, str], change: str | None, count: int) -> tuple[str, list[tuple[str, str]]]:
-        """The stream's type and its first ``count`` events (a replay comes before any change)."""
-        seen: list[tuple[str, str]] = []
-        async with httpx.AsyncClient(base_url=kube_api[1], timeout=10) as http:
-            async with http.stream("GET", PATH, params={"watch": "true", **params}) as stream:
-                if change:
-                    await kube.merge_patch(f"{PATH}/{change}", {"metadata": {"labels": {"changed": "yes"}}})
+    def change() -> Awaitable[object]:
+        return kube.merge_patch(f"{PATH}/older", {"metadata": {"labels": {"changed": "yes"}}})
 
-                async def read() -> None:
-                    async for line in stream.aiter_lines():
-                        if line.strip():
-                            event = json.loads(line)
-                            seen.append((event["type"], event["object"]["metadata"]["name"]))
-                            if len(seen) == count:
-                                return
-
-                await asyncio.wait_for(read(), 20)
-                return stream.headers["content-type"], seen
-
-    content_type, seen = await events({"resourceVersion": version}, change="older", count=1)
-    assert content_type == "application/json" and seen == [("MODIFIED", "older")]  # no replay before it
+    content_type, seen = await _watch(kube_api[1], {"resourceVersion": version}, 1, then=change)
+    assert content_type == "application/json" and _named(seen) == [("MODIFIED", "older")]  # no replay before it
     for params in ({}, {"resourceVersion": "0"}):
-        _, seen = await events(params, change=None, count=2)
-        assert sorted(seen) == [("ADDED", "old"), ("ADDED", "older")]
+        _, seen = await _watch(kube_api[1], params, 2)
+        assert sorted(_named(seen)) == [("ADDED", "old"), ("ADDED", "older")]
+
+
+async def test_a_watch_from_a_resource_version_replays_changes_and_deletions_since_as_their_events(
+    kube_api, kube
+) -> None:
+    """What changed between a client's list and its watch comes as the API server sends it:
+    an object changed since as MODIFIED, one created since as ADDED, one deleted since as
+    DELETED (also when finalizers held it, and when its name was taken again: the old uid's
+    DELETED, then the new one's ADDED), with versions after the list's. Before, kmock's replay
+    sent every changed object as ADDED and none deleted, so an informer (kopf) that listed,
+    then watched, never learnt of a deletion in between."""
+    for name in ("same", "changed", "gone", "reborn", "held"):
+        await kube.create(PATH, cluster(name))
+    await kube.merge_patch(f"{PATH}/held", {"metadata": {"finalizers": ["pgbosh.dev/test"]}})
+    version = (await kube.get(PATH))["metadata"]["resourceVersion"]
+    old_uid = (await kube.get(f"{PATH}/reborn"))["metadata"]["uid"]
+
+    await kube.merge_patch(f"{PATH}/changed", {"spec": {"instances": 5}})
+    await kube.delete(f"{PATH}/gone")
+    await kube.delete(f"{PATH}/reborn")
+    await kube.create(PATH, cluster("reborn"))
+    await kube.create(PATH, cluster("new"))
+    await kube.delete(f"{PATH}/held")  # deletionTimestamp set; the finalizer keeps it
+    await kube.merge_patch(f"{PATH}/held", {"metadata": {"finalizers": None}})
+    with pytest.raises(NotFound):
+        await kube.get(f"{PATH}/held")
+
+    def live_change() -> Awaitable[object]:
+        return kube.merge_patch(f"{PATH}/same", {"metadata": {"labels": {"late": "yes"}}})
+
+    _, seen = await _watch(kube_api[1], {"resourceVersion": version}, 7, then=live_change)
+    replay, live = seen[:6], seen[6:]
+    assert sorted(_named(replay)) == [
+        ("ADDED", "new"),
+        ("ADDED", "reborn"),
+        ("DELETED", "gone"),
+        ("DELETED", "held"),
+        ("DELETED", "reborn"),
+        ("MODIFIED", "changed"),
+    ]
+    reborn = [(e["type"], e["object"]["metadata"]["uid"]) for e in replay if _named([e])[0][1] == "reborn"]
+    assert reborn[0] == ("DELETED", old_uid) and reborn[1][0] == "ADDED" and reborn[1][1] != old_uid
+    assert all(int(e["object"]["metadata"]["resourceVersion"]) > int(version) for e in replay)
+    assert _named(live) == [("MODIFIED", "same")]
+
+
+async def test_a_watch_sends_only_objects_its_selectors_choose(kube_api, kube) -> None:
+    """`kubectl get pgc -l tier=db -w`: label and field selectors apply to the watch's replay
+    and to what follows, as they do to lists (before, a watch streamed every object)."""
+    await kube.create(PATH, {**cluster("chosen"), "metadata": {"name": "chosen", "labels": {"tier": "db"}}})
+    await kube.create(PATH, cluster("other"))
+
+    async def changes() -> None:
+        await kube.merge_patch(f"{PATH}/other", {"spec": {"instances": 5}})
+        await kube.merge_patch(f"{PATH}/chosen", {"spec": {"instances": 5}})
+
+    _, seen = await _watch(kube_api[1], {"labelSelector": "tier=db"}, 2, then=changes)
+    assert _named(seen) == [("ADDED", "chosen"), ("MODIFIED", "chosen")]
+    _, seen = await _watch(kube_api[1], {"fieldSelector": "metadata.name=other"}, 1)
+    assert _named(seen) == [("ADDED", "other")]
+
+
+async def test_a_watch_from_a_version_older_than_the_deletions_kept_gets_410_expired(
+    kube_api, kube, monkeypatch
+) -> None:
+    """The API server answers a watch from a compacted resourceVersion with an ERROR event,
+    410 Expired ("too old resource version"), and clients list again. The local API keeps the
+    last MAX_DELETIONS deletions; a watch from before the oldest one it forgot gets that."""
+    from controller.local import kube as local_kube
+
+    monkeypatch.setattr(local_kube, "MAX_DELETIONS", 1)
+    await kube.create(PATH, cluster("first"))
+    await kube.create(PATH, cluster("second"))
+    before = (await kube.get(PATH))["metadata"]["resourceVersion"]
+    await kube.delete(f"{PATH}/first")
+    await kube.delete(f"{PATH}/second")  # the first deletion is forgotten
+    _, seen = await _watch(kube_api[1], {"resourceVersion": before}, 1)
+    assert seen[0]["type"] == "ERROR"
+    status = seen[0]["object"]
+    assert (status["kind"], status["code"], status["reason"]) == ("Status", 410, "Expired")
+    assert status["message"].startswith(f"too old resource version: {before}")
+    after = (await kube.get(PATH))["metadata"]["resourceVersion"]
+
+    def create() -> Awaitable[object]:
+        return kube.create(PATH, cluster("third"))
+
+    _, seen = await _watch(kube_api[1], {"resourceVersion": after}, 1, then=create)
+    assert _named(seen) == [("ADDED", "third")]
