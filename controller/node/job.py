@@ -231,7 +231,10 @@ class PostgresJob:
         self.run_as = run_as
         self.postgres = PostgresServer(self.layout, run_as, props.postgres.port)
         self.repmgrd = RepmgrDaemon(self.layout, run_as)
-        self.supervisors = [Supervisor(self.postgres), Supervisor(self.repmgrd, Backoff(grace=0.0))]
+        self.supervisors = [
+            Supervisor(self.postgres, may_restart=self._may_restart_postgres),
+            Supervisor(self.repmgrd, Backoff(grace=0.0)),
+        ]
         self.desired_running = False
         self.provisioning = False
         self.error: str | None = None
@@ -792,14 +795,33 @@ class PostgresJob:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGQUIT)  # immediate shutdown: no new writes from now on
+        await self._start_over()
+
+    async def _may_restart_postgres(self) -> bool:
+        """Asked by postgres' supervisor before it starts a postmaster that died while the job
+        ran. A standby's starts again. A primary's does not: once it has been gone for the
+        failover window repmgrd on the standbys promotes one of them, and the old disk
+        started as it was would be a second primary (a slow restart, an agent that stalled).
+        The job starts over as a former primary instead (_refuse_second_primary): it waits
+        out the window, then starts as the primary if nobody was promoted, or rejoins the
+        one that was. A primary without peers starts again without waiting."""
+        if self.layout.data_dir_is_standby() or not self.desired_running:
+            return True
+        log.warning("postgres died on this primary: starting over as a former primary (no second primary)")
+        self.provisioning = True
+        self._task = asyncio.create_task(self._start_over(), name="postgres-job-start-over")
+        return False
+
+    async def _start_over(self) -> None:
+        """Stop the job's processes and provision again as a former primary: rejoin the new
+        primary once one answers (see _refuse_second_primary)."""
         # postgres' supervisor first, or it would restart the postmaster while
-        # repmgrd (stuck on the cut network) takes its time to stop.
+        # repmgrd (stuck on a cut network, say) takes its time to stop.
         for supervisor in self.supervisors:
             await supervisor.stop()
         await self._stop_helpers()
         await self.postgres.terminate()
         self._provisioned = False
-        # Provision again as a former primary: rejoin the new primary once one answers.
         self._task = asyncio.create_task(self._run(), name="postgres-job")
 
     async def _keep_sync_names(self) -> None:

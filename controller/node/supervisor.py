@@ -12,6 +12,7 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,9 +55,18 @@ class Backoff:
 
 
 class Supervisor:
-    def __init__(self, process: ManagedProcess, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        process: ManagedProcess,
+        backoff: Backoff | None = None,
+        *,
+        may_restart: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        """``may_restart`` is asked before a process that died is started again; False: it is
+        not, and supervision ends (whoever said no takes over)."""
         self.process = process
         self.backoff = backoff or Backoff()
+        self.may_restart = may_restart
         self.state = ProcessState.STOPPED
         self.restarts = 0
         self.last_error: str | None = None
@@ -128,6 +138,10 @@ class Supervisor:
                 self.restarts += 1
                 if self.process.current_pid() is not None:
                     continue  # someone else (repmgr's pg_ctl) started it meanwhile
+                if self.may_restart is not None and not await self.may_restart():
+                    self.last_error = "not restarted: see the log"
+                    log.warning("%s not restarted here", self.name)
+                    return
             first = False
             down_since = None
             try:
