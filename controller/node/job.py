@@ -804,8 +804,9 @@ class PostgresJob:
         started as it was would be a second primary (a slow restart, an agent that stalled).
         The job starts over as a former primary instead (_refuse_second_primary): it waits
         out the window, then starts as the primary if nobody was promoted, or rejoins the
-        one that was. A primary without peers starts again without waiting."""
-        if self.layout.data_dir_is_standby() or not self.desired_running:
+        one that was. A primary without peers starts again without waiting. While the job
+        provisions, its own flow handles a postmaster that does not come up."""
+        if not self._provisioned or not self.desired_running or self.layout.data_dir_is_standby():
             return True
         log.warning("postgres died on this primary: starting over as a former primary (no second primary)")
         self.provisioning = True
