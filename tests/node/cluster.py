@@ -144,6 +144,10 @@ class Node:
         }
 
     def start_agent(self) -> None:
+        # A new VM for this node: the old one is gone, whatever a test did before (tests of a
+        # module that ran out of order left agents of earlier generations running).
+        if self.process is not None and self.process.poll() is None:
+            self.kill_agent()
         for path in (self.vm_dir, self.disk):
             path.mkdir(parents=True, exist_ok=True)
             path.chmod(0o755)
