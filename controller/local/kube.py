@@ -347,8 +347,7 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         self.fallback["get /openapi/v3"] << self._serve_openapi_index
         self.fallback[f"get /openapi/v3/apis/{models.GROUP}/{models.VERSION}"] << self._serve_openapi_group
         self.fallback["get /openapi/v2"] << self._serve_openapi_v2
-        definition = self._born_now(self._stamp(crd.crd()))
-        self.objects[kmock.resource(CRD_RESOURCE), None, definition["metadata"]["name"]] = definition
+        self._seed(CRD_RESOURCE, crd.crd())
         for namespace in ("default", "kube-system"):
             self.add_namespace(namespace)
         self._label_watch_streams()
@@ -369,9 +368,12 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
 
     def add_namespace(self, name: str) -> None:
         # kmock 0.8 parses POST /api/v1/namespaces as a namespaced path, so namespaces are seeded here.
-        self.objects[kmock.resource("v1/namespaces"), None, name] = self._born_now(
-            self._stamp({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-        )
+        self._seed("v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+    def _seed(self, resource: str, obj: dict[str, Any]) -> None:
+        """Store a cluster-scoped object as created now, past admission."""
+        obj = self._born_now(self._stamp(obj))
+        self.objects[kmock.resource(resource), None, obj["metadata"]["name"]] = obj
 
     def _stamp(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj.setdefault("metadata", {})
@@ -442,8 +444,7 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 400,
-                      "reason": "BadRequest", "message": "the body of the request is not UTF-8 text"}  # fmt: skip
+            status = _failure(400, "BadRequest", "the body of the request is not UTF-8 text")
             return http_server.Response(400, jsonbytes.dumps(status), content_type="application/json")
         try:
             data = orjson.loads(body)
@@ -714,7 +715,8 @@ class LocalKubernetes(kmock.KubernetesEmulator, _DirectRouting):
         deleted: list[dict[str, Any]] = []
         if after is not None:
             if after < self._forgotten_up_to:
-                yield {"type": "ERROR", "object": _expired(after, self._forgotten_up_to)}
+                too_old = f"too old resource version: {after} ({self._forgotten_up_to})"
+                yield {"type": "ERROR", "object": _failure(410, "Expired", too_old)}
                 if isinstance(events, collections.abc.AsyncGenerator):
                     await events.aclose()
                 return
@@ -1046,11 +1048,11 @@ class _Deletion:
         )
 
 
-def _expired(asked: int, oldest: int) -> dict[str, Any]:
-    """The Status of the API server's ERROR event for a watch from a compacted version."""
+def _failure(code: int, reason: str, message: str) -> dict[str, Any]:
+    """The API server's Status for a failure (an answer's body, or a watch's ERROR event)."""
     return {
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
-        "message": f"too old resource version: {asked} ({oldest})",
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+        "reason": reason, "code": code,
     }  # fmt: skip
 
 
