@@ -196,14 +196,14 @@ class Node:
     def postmaster_pid(self) -> int:
         return int((self.disk / "postgres" / "data" / "postmaster.pid").read_text().splitlines()[0])
 
-    def connect(self, dbname: str = "app") -> psycopg.Connection[tuple[Any, ...]]:
+    def connect(self, dbname: str = "app", timeout: int = 3) -> psycopg.Connection[tuple[Any, ...]]:
         return psycopg.connect(
             host=self.address,
             port=PORT,
             user=ADMIN_USER,
             password=self.passwords[0],
             dbname=dbname,
-            connect_timeout=3,
+            connect_timeout=timeout,
             autocommit=True,
         )
 
@@ -256,6 +256,16 @@ def notes(node: Node) -> set[str]:
     """The rows of the tests' `notes` table on this node."""
     with node.connect() as conn:
         return {str(row[0]) for row in conn.execute("SELECT note FROM notes").fetchall()}
+
+
+def writable(node: Node) -> bool:
+    """Whether the node's PostgreSQL accepts writes now (down or a standby: False)."""
+    try:
+        with node.connect("postgres", timeout=1) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    except psycopg.Error:
+        return False
+    return row == (False,)
 
 
 def streaming_from(node: Node) -> list[str]:

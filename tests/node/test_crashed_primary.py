@@ -13,10 +13,9 @@ import signal
 import time
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
-from .cluster import FAST_DETECTION, Node, role, running_cluster, streaming_from, wait_for
+from .cluster import FAST_DETECTION, Node, notes, role, running_cluster, streaming_from, wait_for, writable
 
 pytestmark = pytest.mark.slow
 
@@ -25,21 +24,6 @@ pytestmark = pytest.mark.slow
 def cluster() -> Iterator[list[Node]]:
     with running_cluster(3, FAST_DETECTION) as nodes:
         yield nodes
-
-
-def writable(node: Node) -> bool:
-    """Whether the node's PostgreSQL accepts writes now (down or a standby: False)."""
-    try:
-        with node.connect("postgres") as conn:
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-    except psycopg.Error:
-        return False
-    return row is not None and row[0] is False
-
-
-def notes(node: Node) -> set[str]:
-    with node.connect() as conn:
-        return {str(row[0]) for row in conn.execute("SELECT note FROM notes")}
 
 
 def test_a_dead_primary_postmaster_rejoins_a_standby_promoted_meanwhile(cluster: list[Node]) -> None:

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
 from .cluster import (
@@ -33,6 +32,7 @@ from .cluster import (
     streaming_from,
     wait_for,
     wait_for_node,
+    writable,
 )
 
 pytestmark = pytest.mark.slow
@@ -45,23 +45,6 @@ def cluster() -> Iterator[list[Node]]:
     # guard (3 or more nodes) in the story.
     with running_cluster(2, FAST_DETECTION) as nodes:
         yield nodes
-
-
-def writable(node: Node) -> bool:
-    try:
-        with psycopg.connect(
-            host=node.address,
-            port=5432,
-            user="pgbosh_admin",
-            password=node.passwords[0],
-            dbname="postgres",
-            connect_timeout=1,
-            autocommit=True,
-        ) as conn:
-            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-    except psycopg.Error:
-        return False
-    return row == (False,)
 
 
 class WriterWatch:
